@@ -1,0 +1,27 @@
+"""Shared plumbing of the argparse front ends: logging and failure reporting."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["add_verbosity", "setup_logging"]
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr; INFO by default, DEBUG with -vv, WARNING with -q."""
+    level = logging.INFO
+    if getattr(args, "quiet", False):
+        level = logging.WARNING
+    elif getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )

@@ -1,0 +1,43 @@
+"""`dsca`: train, evaluate, profile and demo DSCA models.
+
+Each subcommand lives in its own module of this package exposing ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsca.cli._common import add_verbosity, setup_logging
+
+# subcommand name -> module under dsca.cli
+_SUBCOMMANDS = {
+    "train": "train",
+    "demo": "demo",
+    "split": "split",
+    "profile": "profile",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsca", description=__doc__.splitlines()[0])
+    add_verbosity(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in _SUBCOMMANDS.items():
+        module = importlib.import_module(f"dsca.cli.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        add_verbosity(p)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Install `dsca` as one package from the four top-level source folders.
+
+The folders keep the layout of the user's design card (dsca/, kernels/, store/, cli/) while
+installing under a single namespace, so nothing lands in site-packages under a generic name
+such as `store` or `cli`.
+"""
+from setuptools import setup
+
+setup(
+    name="dsca",
+    version="0.1.0",
+    description=(
+        "DSCA survival models on whole-slide-image pyramids: a Zarr feature store for CLAM "
+        "outputs, fused Triton CAPool kernels and a training CLI"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dsca", "dsca.kernels", "dsca.store", "dsca.cli"],
+    package_dir={
+        "dsca": "dsca",
+        "dsca.kernels": "kernels",
+        "dsca.store": "store",
+        "dsca.cli": "cli",
+    },
+    install_requires=[
+        # Accepts the CPU build that lies on the developers' disk (2.13) and newer CUDA builds.
+        "torch>=2.4",
+        "triton>=3.0",
+        "zarr>=3.0.8,<4",
+        "numcodecs>=0.15",
+        "nystrom-attention>=0.0.11",
+        "einops>=0.7",
+        "pandas>=2.0",
+        "h5py>=3.8",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        # Kaplan-Meier / training-curve plots.
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dsca=dsca.cli.dsca_main:main",
+            "dsca-store=dsca.cli.store_main:main",
+        ],
+    },
+)
