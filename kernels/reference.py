@@ -16,6 +16,13 @@ Folding (exact in real arithmetic, see ARCHITECTURE.md):
     s_hj = (W_k,h^T u_h) . x_j + const_h      -> the const cancels in the softmax
     o_h  = W_v,h (sum_j p_hj x_j) + b_v,h     -> because sum_j p_hj = 1
 so K and V for the 16 rows are never formed.
+
+The folded computation splits into three stages that every backend shares:
+    1. :func:`fold_query`   GEMMs: query -> key direction k_h = W_k,h^T u_h   [M, H, C]
+    2. attend-and-pool      the per-block core: logits, softmax, pooled rows  [M, H, C]
+    3. :func:`project_out`  GEMMs: W_v per head, b_v, out-projection          [M, C]
+Only stage 2 differs between backends (:func:`attend_pool_torch` here, the Triton kernels in
+``triton_capool``), so stages 1 and 3 stay on cuBLAS / the CPU BLAS for every backend.
 """
 from __future__ import annotations
 
@@ -26,7 +33,66 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["capool_folded", "capool_plain"]
+__all__ = ["attend_pool_torch", "capool_folded", "capool_plain", "fold_query", "project_out"]
+
+
+def fold_query(query: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor, num_heads: int) -> Tensor:
+    """Key direction of each head: k_h = W_k,h^T (W_q,h q + b_q,h) / sqrt(d).
+
+    Args:
+        query: [M, C]; in_proj_weight: [3C, C]; in_proj_bias: [3C].
+
+    Returns:
+        [M, H, C]; its dot product with a raw x20 row is that row's logit up to a per-head
+        constant (u_h . b_k,h), which cancels in the softmax.
+    """
+    C = query.shape[-1]
+    d = C // num_heads
+    w_q, w_k, _ = in_proj_weight.chunk(3)
+    b_q = in_proj_bias[:C]
+    u = F.linear(query, w_q, b_q) * (1.0 / math.sqrt(d))
+    u = rearrange(u, "m (h d) -> m h d", h=num_heads)
+    return torch.einsum("mhd,hdc->mhc", u, rearrange(w_k, "(h d) c -> h d c", h=num_heads))
+
+
+def attend_pool_torch(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
+    """Attend-and-pool core in PyTorch.
+
+    Args:
+        k_dir: [M, H, C] key directions from :func:`fold_query`.
+        x20: [M, 16, C] raw embedded rows.
+
+    Returns:
+        pooled rows r_h = sum_j p_hj x_j [M, H, C] and probabilities p [M, H, 16].
+    """
+    logits = torch.einsum("mhc,mjc->mhj", k_dir, x20)
+    attn = logits.softmax(dim=-1)
+    return torch.einsum("mhj,mjc->mhc", attn, x20), attn
+
+
+def project_out(
+    pooled_rows: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor,
+) -> Tensor:
+    """Value projection after pooling, then the out-projection.
+
+    Args:
+        pooled_rows: [M, H, C]; in_proj_weight [3C, C]; in_proj_bias [3C];
+        out_proj_weight [C, C]; out_proj_bias [C].
+
+    Returns:
+        [M, C]: W_o concat_h(W_v,h r_h + b_v,h) + b_o.
+    """
+    num_heads, C = pooled_rows.shape[-2:]
+    w_v = in_proj_weight[2 * C :]
+    b_v = in_proj_bias[2 * C :]
+    heads = torch.einsum(
+        "mhc,hdc->mhd", pooled_rows, rearrange(w_v, "(h d) c -> h d c", h=num_heads)
+    ) + rearrange(b_v, "(h d) -> h d", h=num_heads)
+    return F.linear(rearrange(heads, "m h d -> m (h d)"), out_proj_weight, out_proj_bias)
 
 
 def capool_folded(
@@ -51,21 +117,9 @@ def capool_folded(
     Returns:
         pooled [M, C] and attention probabilities [M, H, 16].
     """
-    C = query.shape[-1]
-    d = C // num_heads
-    w_q, w_k, w_v = in_proj_weight.chunk(3)
-    b_q, _, b_v = in_proj_bias.chunk(3)  # b_k cancels in the softmax
-    u = F.linear(query, w_q, b_q) * (1.0 / math.sqrt(d))  # [M, C]
-    u = rearrange(u, "m (h d) -> m h d", h=num_heads)
-    # W_k,h^T u_h: one key direction per head and block
-    k_dir = torch.einsum("mhd,hdc->mhc", u, rearrange(w_k, "(h d) c -> h d c", h=num_heads))
-    logits = torch.einsum("mhc,mjc->mhj", k_dir, x20)  # [M, H, 16]
-    attn = logits.softmax(dim=-1)
-    pooled_rows = torch.einsum("mhj,mjc->mhc", attn, x20)  # [M, H, C]
-    heads = torch.einsum(
-        "mhc,hdc->mhd", pooled_rows, rearrange(w_v, "(h d) c -> h d c", h=num_heads)
-    ) + rearrange(b_v, "(h d) -> h d", h=num_heads)
-    out = F.linear(rearrange(heads, "m h d -> m (h d)"), out_proj_weight, out_proj_bias)
+    k_dir = fold_query(query, in_proj_weight, in_proj_bias, num_heads)
+    pooled_rows, attn = attend_pool_torch(k_dir, x20)
+    out = project_out(pooled_rows, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
     return out, attn
 
 

@@ -1,0 +1,593 @@
+"""Cross-validated survival training of DSCA from a `dsca-store` store.
+
+One patient per forward pass; the optimizer steps every ``bp_every_iters`` patients. For the
+discrete NLL the group loss is a mean of per-patient terms, so each patient's term is
+back-propagated at once, scaled by ``1 / group size``: the summed gradients equal those of the
+group's mean loss while only one patient's autograd graph is alive. The Cox partial likelihood
+couples the patients of a group through the risk set, so its outputs are held until the group
+is complete. Unlike the reference, which drops the last incomplete group of every epoch (up to
+15 patients unseen per epoch), the last group is stepped as well (scaled by its own size).
+
+Per epoch: train, evaluate the validation set, ReduceLROnPlateau and early stopping on the
+validation loss (alpha = 0), keep the best weights. After training the best weights are
+evaluated on train/val/test. Everything lands in the output directory:
+
+    metrics.json            summary (mean/std over folds) + per-fold metrics (MUST format)
+    predictions.csv         fold, split, patient_id, t, e, y_t, risk, surv_1..K (or log_hazard)
+    train.log               the log of the run
+    config.yaml             the parsed configuration
+    training_curves.png     loss and C-index per epoch and fold
+    km_test.png             Kaplan-Meier of high vs low predicted risk (pooled test folds)
+    fold<k>/last.pt         resumable state; fold<k>/best.pt best weights; fold<k>/result.json
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dsca.config import TrainConfig
+from dsca.labels import load_labels, patient_slides, rebin
+from dsca.losses import cox_nll, discrete_nll, l1_penalty, risk_score, survival_curve
+from dsca.metrics import evaluate_predictions
+from dsca.optim import build_optimizer
+from dsca.splits import Split, load_split, resolve_split_paths
+
+__all__ = ["train_cross_validation", "train_fold", "FoldData", "accumulate_group"]
+
+log = logging.getLogger(__name__)
+
+_LABEL_T, _LABEL_E, _LABEL_YT, _LABEL_YC = 0, 1, 2, 3
+
+
+@dataclass
+class FoldData:
+    """Datasets of one fold and the labels they were built with."""
+
+    fold: int
+    split: Split
+    labels: pd.DataFrame
+    datasets: dict[str, Dataset]
+
+
+@dataclass
+class _Outputs:
+    """Model outputs of a set of patients. ``out`` [P, K] hazards or [P, 1] Cox log hazards."""
+
+    patient_ids: list[str]
+    out: torch.Tensor
+    label: torch.Tensor  # [P, 4] (t, e, y_t, y_c)
+
+    @property
+    def risk(self) -> np.ndarray:
+        return risk_score(self.out).numpy()
+
+
+@dataclass
+class _EarlyStop:
+    patience: int | None
+    warmup: int
+    start_epoch: int
+    mode: str  # "min" or "max"
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record an epoch's monitored value; True when it is the best so far."""
+        if epoch < self.warmup:
+            return False
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        elif epoch >= self.start_epoch:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+
+@dataclass
+class _History:
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _collate_one(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+def _to_inputs(sample: Any, device: torch.device, position_emb: bool) -> tuple[torch.Tensor, ...]:
+    """PatientSample -> (x20 [1,16N,D], x5 [1,N,D], coords [1,N,2] or None, label [4])."""
+    x20 = sample.x20.unsqueeze(0).to(device, non_blocking=True)
+    x5 = sample.x5.unsqueeze(0).to(device, non_blocking=True)
+    coords = sample.coords.unsqueeze(0).to(device) if position_emb else None
+    return x20, x5, coords, torch.as_tensor(sample.label, dtype=torch.float32)
+
+
+def build_fold_data(cfg: TrainConfig, labels: pd.DataFrame, fold: int, split_path: Path) -> FoldData:
+    """Read a fold's split, check it against labels and store, and build its datasets."""
+    from dsca.store import FeatureStore, PatientDataset
+
+    split = load_split(split_path, known_patients=labels.index)
+    fold_labels = rebin(labels, split.train) if cfg.bin_cut == "train" else labels
+    store_slides = FeatureStore.open(cfg.store).slide_ids
+    datasets: dict[str, Dataset] = {}
+    for name, ids in split.parts().items():
+        if not ids:
+            continue
+        mapping = patient_slides(fold_labels, ids, store_slides, store_name=str(cfg.store))
+        datasets[name] = PatientDataset(cfg.store, mapping, labels=fold_labels)
+    if "train" not in datasets or "val" not in datasets:
+        raise ValueError(f"{split_path}: fold {fold} needs non-empty train and val patients")
+    return FoldData(fold=fold, split=split, labels=fold_labels, datasets=datasets)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def accumulate_group(
+    model: nn.Module,
+    inputs: Iterable[tuple[torch.Tensor, ...]],
+    group_size: int,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float | None, torch.Tensor, torch.Tensor]:
+    """Forward/backward one optimizer group of patients into ``.grad`` (no optimizer step).
+
+    Discrete head: each patient's loss, divided by ``group_size``, is back-propagated right
+    after its forward pass, so one autograd graph is alive at a time and the summed gradients
+    are those of the group's mean loss. Cox head: the group's log hazards are held and the
+    partial likelihood is back-propagated once; a group without an event contributes no
+    gradient (as the reference). The L1 penalty is added once per group.
+
+    Args:
+        model: the network (train mode set by the caller).
+        inputs: ``group_size`` items ``(x20 [1,16N,D], x5 [1,N,D], coords [1,N,2] | None,
+            label [4])``; may be a lazy iterator (patients are loaded one at a time).
+        group_size: number of patients in the group.
+        cfg: training configuration (loss, alpha, reg_l1, cox_ties).
+        autocast: factory of the mixed-precision context.
+        scaler: fp16 gradient scaler, or None.
+
+    Returns:
+        (group loss without the L1 term, None for a skipped Cox group; detached outputs
+        [G, K] on CPU; labels [G, 4]).
+    """
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    outs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    total = 0.0
+    for x20, x5, coords, label in inputs:
+        with autocast():
+            out = model(x20, x5, coords)
+        out = out.float()
+        labels.append(label)
+        if cfg.is_cox:
+            outs.append(out)
+            continue
+        label = label.to(out.device)
+        loss = discrete_nll(out, label[None, _LABEL_YT], label[None, _LABEL_YC], alpha=cfg.alpha)
+        scale(loss / group_size).backward()
+        total += float(loss.detach()) / group_size
+        outs.append(out.detach())
+    lab = torch.stack(labels)
+    detached = torch.cat([o.detach() for o in outs]).cpu()
+    if cfg.is_cox:
+        if lab[:, _LABEL_E].sum() == 0:
+            return None, detached, lab
+        out = torch.cat(outs)
+        dev_lab = lab.to(out.device)
+        loss = cox_nll(out, dev_lab[:, _LABEL_E], dev_lab[:, _LABEL_T], ties=cfg.cox_ties)
+        scale(loss).backward()
+        total = float(loss.detach())
+    penalty = l1_penalty(model.parameters(), cfg.reg_l1)
+    if isinstance(penalty, torch.Tensor):
+        scale(penalty).backward()
+    return total, detached, lab
+
+
+def _set_loss(cfg: TrainConfig, outputs: _Outputs) -> float:
+    """Evaluation loss of a whole set: NLL with alpha = 0, or the Cox loss over the set."""
+    lab = outputs.label
+    if cfg.is_cox:
+        return float(cox_nll(outputs.out, lab[:, _LABEL_E], lab[:, _LABEL_T], ties=cfg.cox_ties))
+    return float(discrete_nll(outputs.out, lab[:, _LABEL_YT], lab[:, _LABEL_YC], alpha=0.0))
+
+
+@torch.no_grad()
+def _predict(
+    model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, desc: str
+) -> _Outputs:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
+                        collate_fn=_collate_one)
+    ids, outs, labels = [], [], []
+    for sample in tqdm(loader, desc=desc, leave=False, disable=None):
+        x20, x5, coords, label = _to_inputs(sample, device, cfg.position_emb)
+        with _autocast(device, cfg.amp):
+            out = model(x20, x5, coords)
+        ids.append(str(sample.patient_id))
+        outs.append(out.float().cpu())
+        labels.append(label)
+    return _Outputs(ids, torch.cat(outs), torch.stack(labels))
+
+
+def _groups(n: int, size: int) -> list[int]:
+    """Group size of each of ``n`` patients' groups: [size, size, ..., remainder]."""
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def _train_epoch(
+    model: nn.Module,
+    dataset: Dataset,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None,
+    desc: str,
+) -> tuple[float, _Outputs]:
+    """One epoch; returns (mean group loss, the training outputs collected on the way)."""
+    model.train()
+    # Shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=generator,
+                        num_workers=cfg.num_workers, collate_fn=_collate_one)
+    bar = tqdm(total=len(dataset), desc=desc, leave=False, disable=None)
+    ids: list[str] = []
+
+    def lazy(it: Iterator[Any], n: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        for sample in itertools.islice(it, n):
+            ids.append(str(sample.patient_id))
+            bar.update(1)
+            yield _to_inputs(sample, device, cfg.position_emb)
+
+    autocast = functools.partial(_autocast, device, cfg.amp)
+    samples = iter(loader)
+    losses, outs, labels = [], [], []
+    optimizer.zero_grad(set_to_none=True)
+    for size in _groups(len(dataset), cfg.bp_every_iters):
+        loss, out, lab = accumulate_group(model, lazy(samples, size), size, cfg, autocast, scaler)
+        outs.append(out)
+        labels.append(lab)
+        if loss is None:
+            log.debug("%s: group without events skipped (Cox)", desc)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    avg = float(np.mean(losses)) if losses else float("nan")
+    return avg, _Outputs(ids, torch.cat(outs), torch.cat(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# one fold
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; errors clearly when cuda is asked but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _monitored(cfg: TrainConfig, loss: float, cindex: float) -> float:
+    return cindex if cfg.monitor_metrics == "ci" else loss
+
+
+def train_fold(
+    cfg: TrainConfig, data: FoldData, fold_dir: Path, device: torch.device, resume: bool = False
+) -> dict[str, Any]:
+    """Train one fold, evaluate its best weights on every split part, write ``fold_dir``.
+
+    Returns:
+        ``{"fold", "best_epoch", "epochs_run", "history", "train"/"val"/"test": metrics,
+        "predictions": DataFrame rows}``.
+    """
+    from dsca import build_model
+
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    _seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.opt_eps, cfg.opt_betas)
+    mode = "max" if cfg.monitor_metrics == "ci" else "min"
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
+    )
+    stopper = _EarlyStop(cfg.es_patience, cfg.es_warmup, cfg.es_start_epoch, mode)
+    use_fp16 = device.type == "cuda" and (
+        cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported())
+    )
+    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper = _EarlyStop(**state["stopper"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history = state["history"]
+        start = state["epoch"] + 1
+        _set_rng_state(state["rng"])
+        log.info("fold %d: resumed after epoch %d", data.fold, start)
+
+    sets = data.datasets
+    epoch = start - 1
+    for epoch in range(start, cfg.epochs):
+        if stopper.stop:
+            break
+        t0 = time.perf_counter()
+        desc = f"fold {data.fold} epoch {epoch + 1}/{cfg.epochs}"
+        train_loss, train_out = _train_epoch(model, sets["train"], optimizer, cfg, device, epoch, scaler, desc)
+        val_out = _predict(model, sets["val"], cfg, device, f"fold {data.fold} val")
+        val_loss = _set_loss(cfg, val_out)
+        val_ci = _cindex(val_out)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_cindex": _cindex(train_out),
+            "val_loss": val_loss,
+            "val_cindex": val_ci,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        monitored = _monitored(cfg, val_loss, val_ci)
+        if stopper.update(epoch, monitored):
+            _atomic_save(model.state_dict(), best_path)
+        scheduler.step(monitored)
+        log.info(
+            "fold %d epoch %d: train loss %.4f c %.3f | val loss %.4f c %.3f | lr %.2e | %.1fs%s",
+            data.fold, epoch + 1, train_loss, row["train_cindex"], val_loss, val_ci, row["lr"],
+            row["seconds"], " *" if stopper.best_epoch == epoch else "",
+        )
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "stopper": vars(stopper).copy(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "history": history,
+                "epoch": epoch,
+                "rng": _rng_state(),
+            },
+            last_path,
+        )
+        if stopper.stop:
+            log.info("fold %d: early stop after epoch %d (best %d)", data.fold, epoch + 1,
+                     stopper.best_epoch + 1)
+            break
+
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    result: dict[str, Any] = {
+        "fold": data.fold,
+        "best_epoch": stopper.best_epoch + 1,
+        "epochs_run": len(history),
+        "history": history,
+        "bin_edges": list(data.labels.attrs["bin_edges"]),
+    }
+    rows = []
+    for name, ds in sets.items():
+        outputs = _predict(model, ds, cfg, device, f"fold {data.fold} eval {name}")
+        result[name] = _metrics(cfg, outputs, data.labels)
+        rows.extend(_prediction_rows(cfg, data.fold, name, outputs))
+    result["predictions"] = rows
+    (fold_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
+    return result
+
+
+def _cindex(outputs: _Outputs) -> float:
+    from dsca.metrics import concordance_index
+
+    lab = outputs.label.numpy()
+    return concordance_index(lab[:, _LABEL_T], lab[:, _LABEL_E], outputs.risk)
+
+
+def _metrics(cfg: TrainConfig, outputs: _Outputs, labels: pd.DataFrame) -> dict[str, float]:
+    lab = outputs.label.numpy()
+    survival = None if cfg.is_cox else survival_curve(outputs.out).numpy()
+    out = evaluate_predictions(
+        lab[:, _LABEL_T], lab[:, _LABEL_E], lab[:, _LABEL_YT], outputs.risk,
+        survival=survival, bin_edges=np.asarray(labels.attrs["bin_edges"]),
+        n_boot=cfg.eval_bootstrap,
+    )
+    out["loss"] = _set_loss(cfg, outputs)
+    return out
+
+
+def _prediction_rows(cfg: TrainConfig, fold: int, part: str, outputs: _Outputs) -> list[dict[str, Any]]:
+    lab = outputs.label.numpy()
+    risk = outputs.risk
+    extra = outputs.out.numpy() if cfg.is_cox else survival_curve(outputs.out).numpy()
+    names = ["log_hazard"] if cfg.is_cox else [f"surv_{k + 1}" for k in range(extra.shape[1])]
+    rows = []
+    for i, pid in enumerate(outputs.patient_ids):
+        row = {"fold": fold, "split": part, "patient_id": pid, "t": float(lab[i, _LABEL_T]),
+               "e": int(lab[i, _LABEL_E]), "y_t": int(lab[i, _LABEL_YT]), "risk": float(risk[i])}
+        row.update({n: float(v) for n, v in zip(names, extra[i])})
+        rows.append(row)
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-validation
+
+
+def train_cross_validation(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    folds: Sequence[int] | None = None,
+    device: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run the folds, write the outputs (module docstring) and return the metrics.json content.
+
+    Args:
+        cfg: parsed configuration.
+        out_dir: output directory (created).
+        folds: fold numbers to run (default ``cfg.folds``).
+        device: overrides ``cfg.device``.
+        resume: skip finished folds and continue the running fold from its last epoch.
+    """
+    from dsca.plots import plot_km, plot_training_curves
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log", mode="a" if resume else "w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    dsca_log = logging.getLogger("dsca")
+    dsca_log.addHandler(handler)
+    if dsca_log.getEffectiveLevel() > logging.INFO:
+        dsca_log.setLevel(logging.INFO)
+    threads = torch.get_num_threads()
+    try:
+        folds = list(cfg.folds if folds is None else folds)
+        dev = resolve_device(device or cfg.device)
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info("training %d fold(s) on %s; outputs in %s", len(folds), dev, out)
+        labels = load_labels(cfg.labels, bins=cfg.bins)
+        split_paths = resolve_split_paths(cfg.splits, folds)
+        # Check every fold's inputs before spending hours on the first one.
+        fold_data = [build_fold_data(cfg, labels, k, p) for k, p in zip(folds, split_paths)]
+        results = []
+        for data in fold_data:
+            fold_dir = out / f"fold{data.fold}"
+            done = fold_dir / "result.json"
+            if resume and done.is_file():
+                log.info("fold %d: finished earlier, skipped", data.fold)
+                results.append(json.loads(done.read_text()))
+                continue
+            results.append(train_fold(cfg, data, fold_dir, dev, resume=resume))
+        report = _report(results)
+        preds = pd.DataFrame([r for res in results for r in res["predictions"]])
+        preds.to_csv(out / "predictions.csv", index=False)
+        plot_training_curves([res["history"] for res in results], [res["fold"] for res in results],
+                             out / "training_curves.png")
+        test = preds[preds["split"] == "test"]
+        if len(test):
+            p = plot_km(test["t"].to_numpy(), test["e"].to_numpy(), test["risk"].to_numpy(),
+                        out / "km_test.png")
+            report["summary"]["km_logrank_p"] = p
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(_jsonable(report), indent=1))
+        tmp.replace(out / "metrics.json")
+        log.info("test C-index %.3f +- %.3f over %d fold(s)", report["summary"]["test_cindex_mean"],
+                 report["summary"]["test_cindex_std"], len(results))
+        return report
+    finally:
+        torch.set_num_threads(threads)
+        dsca_log.removeHandler(handler)
+        handler.close()
+
+
+def _report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json content: mean/std over folds of every numeric metric of every part."""
+    summary: dict[str, Any] = {"n_folds": len(results)}
+    for part in ("test", "val", "train"):
+        have = [r[part] for r in results if r.get(part)]
+        if not have:
+            continue
+        for key in have[0]:
+            vals = np.array([h[key] for h in have if h.get(key) is not None], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            if key in ("n", "n_events") or not len(vals):
+                continue
+            # Population std over folds, as the reference reports it.
+            summary[f"{part}_{key}_mean"] = float(vals.mean())
+            summary[f"{part}_{key}_std"] = float(vals.std())
+    if "test_cindex_mean" not in summary:
+        summary["test_cindex_mean"] = summary["test_cindex_std"] = float("nan")
+    folds = [
+        {k: v for k, v in r.items() if k not in ("predictions",)} for r in results
+    ]
+    return {"summary": summary, "folds": folds}

@@ -1,0 +1,328 @@
+"""Triton CAPool: the attend-and-pool core of each 4x4 block, forward and backward.
+
+Layout of this file (Triton-tutorial style): kernels, then their launchers, then the
+``torch.library`` operators, then the ``torch.autograd.Function``, then :func:`capool_triton`.
+
+With the projections folded (``reference.py``), what remains per block b is, for each head h,
+with k_h = W_k,h^T u_h [C] and the block's raw rows x_j [C], j = 0..15:
+
+    s_hj = k_h . x_j                      (logits; b_k cancels in the softmax)
+    p_hj = softmax_j(s_hj)
+    r_h  = sum_j p_hj x_j                 (pooled rows; W_v and W_o are applied after)
+
+One program handles one block: 16 rows, all heads, a loop over C in BLOCK_C chunks. Both
+reductions are over tiny axes (16 rows, C chunk), so they are broadcast multiplies and
+``tl.sum`` on fp32 registers, with no ``tl.dot``: this compiles for sm_70 in every dtype and is
+exact in fp32 (no TF32). The kernel is memory bound: it reads x20 twice per block (the second
+read hits L2, 16*C elements per block) and writes r and p; K and V for the 16M rows never exist.
+Half-precision inputs are accumulated in fp32; p is kept in fp32 for the backward pass.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dsca.kernels.reference import fold_query, project_out
+
+__all__ = ["INTERPRETED", "attend_pool_triton", "capool_triton", "autotune_configs"]
+
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is
+# imported; it cannot be switched later in the same process.
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_ROWS = 16  # high-res rows per block (4x4)
+
+
+def autotune_configs() -> list[triton.Config]:
+    """Every config the GPU autotuner may pick (also compiled ahead of time by the tests).
+
+    BLOCK_C x warps pairs keep about 8-32 fp32 values of the [H, 16, BLOCK_C] tile per thread;
+    stages > 1 lets the C loop prefetch the next chunk.
+    """
+    return [
+        triton.Config({"BLOCK_C": bc}, num_warps=w, num_stages=s)
+        for bc, w, s in ((32, 2, 1), (32, 4, 1), (64, 4, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2))
+    ]
+
+
+def _configs() -> list[triton.Config]:
+    # The interpreter would "benchmark" every config on the CPU: give it one.
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=1)]
+    return autotune_configs()
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: its power-of-two bucket, so slides of varied sizes reuse a tuning."""
+    return max(m, 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _capool_fwd_kernel(
+    k_ptr, x_ptr, r_ptr, p_ptr,
+    H, C, M_BUCKET,
+    stride_km, stride_kh, stride_kc,
+    stride_xm, stride_xj, stride_xc,
+    stride_rm, stride_rh, stride_rc,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Block m: s = k x^T [H,16]; p = softmax_j(s); r = p x [H,C]. Grid (M,)."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_j = tl.arange(0, 16)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_h = offs_h < H
+    k_base = k_ptr + m * stride_km + offs_h[:, None] * stride_kh
+    x_base = x_ptr + m * stride_xm + offs_j[:, None] * stride_xj
+
+    # pass 1: s_hj = sum_c k_hc x_jc, one C chunk at a time
+    s = tl.zeros([BLOCK_H, 16], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
+        s += tl.sum(k.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+
+    # softmax over the 16 rows (padded heads see s = 0: finite, never stored)
+    s_max = tl.max(s, axis=1)
+    e = tl.exp(s - s_max[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    p_offs = m * H * 16 + offs_h[:, None] * 16 + offs_j[None, :]
+    tl.store(p_ptr + p_offs, p, mask=mask_h[:, None])
+
+    # pass 2: r_hc = sum_j p_hj x_jc (the block's rows are back from L2)
+    r_base = r_ptr + m * stride_rm + offs_h[:, None] * stride_rh
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
+        r = tl.sum(p[:, :, None] * x.to(tl.float32)[None, :, :], axis=1)
+        tl.store(
+            r_base + cc[None, :] * stride_rc,
+            r.to(r_ptr.dtype.element_ty),
+            mask=mask_h[:, None] & mask_c[None, :],
+        )
+
+
+@triton.jit
+def _capool_bwd_kernel(
+    gr_ptr, gp_ptr, k_ptr, x_ptr, p_ptr, dk_ptr, dx_ptr,
+    H, C, M_BUCKET,
+    stride_gm, stride_gh, stride_gc,
+    stride_km, stride_kh, stride_kc,
+    stride_xm, stride_xj, stride_xc,
+    HAS_GP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Block m, given g = dL/dr [H,C] and dL/dp [H,16] (optional):
+
+        dp_hj  = sum_c g_hc x_jc (+ dL/dp_hj)
+        ds_hj  = p_hj (dp_hj - sum_j' p_hj' dp_hj')      (softmax backward)
+        dk_hc  = sum_j ds_hj x_jc
+        dx_jc  = sum_h p_hj g_hc + ds_hj k_hc            (through the pool and the logits)
+
+    dk and dx are contiguous [M,H,C] / [M,16,C]. Grid (M,).
+    """
+    m = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_j = tl.arange(0, 16)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_h = offs_h < H
+    g_base = gr_ptr + m * stride_gm + offs_h[:, None] * stride_gh
+    k_base = k_ptr + m * stride_km + offs_h[:, None] * stride_kh
+    x_base = x_ptr + m * stride_xm + offs_j[:, None] * stride_xj
+    hj_offs = m * H * 16 + offs_h[:, None] * 16 + offs_j[None, :]
+
+    p = tl.load(p_ptr + hj_offs, mask=mask_h[:, None], other=0.0)
+    if HAS_GP:
+        dp = tl.load(gp_ptr + hj_offs, mask=mask_h[:, None], other=0.0).to(tl.float32)
+    else:
+        dp = tl.zeros([BLOCK_H, 16], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
+        dp += tl.sum(g.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+    # padded heads: p = 0 there, so ds = 0 and they add nothing to dx
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+
+    dk_base = dk_ptr + m * H * C + offs_h[:, None] * C
+    dx_base = dx_ptr + m * 16 * C + offs_j[:, None] * C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        mask_hc = mask_h[:, None] & mask_c[None, :]
+        g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_hc, other=0.0).to(tl.float32)
+        k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_hc, other=0.0).to(tl.float32)
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0).to(tl.float32)
+        dk = tl.sum(ds[:, :, None] * x[None, :, :], axis=1)
+        dx = tl.sum(p[:, :, None] * g[:, None, :] + ds[:, :, None] * k[:, None, :], axis=0)
+        tl.store(dk_base + cc[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_hc)
+        tl.store(dx_base + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_c[None, :])
+
+
+_capool_fwd = triton.autotune(configs=_configs(), key=["C", "M_BUCKET"])(_capool_fwd_kernel)
+# dk/dx are written whole by every config, so re-running configs while tuning is harmless.
+_capool_bwd = triton.autotune(configs=_configs(), key=["C", "M_BUCKET"])(_capool_bwd_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers. ``wrap`` is torch.library.wrap_triton under triton_op (CUDA), identity otherwise.
+# --------------------------------------------------------------------------------------------
+def _identity(kernel):  # noqa: ANN001, ANN202 - a kernel handle, typed by Triton
+    return kernel
+
+
+def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap=_identity) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    """r [M,H,C] (input dtype) and p [M,H,16] (fp32) from k_dir [M,H,C] and x20 [M,16,C]."""
+    M, H, C = k_dir.shape
+    r = torch.empty((M, H, C), dtype=k_dir.dtype, device=k_dir.device)
+    p = torch.empty((M, H, _ROWS), dtype=torch.float32, device=k_dir.device)
+    if M == 0:
+        return r, p
+    wrap(_capool_fwd)[(M,)](
+        k_dir, x20, r, p,
+        H, C, _m_bucket(M),
+        *k_dir.stride(), *x20.stride(), *r.stride(),
+        BLOCK_H=triton.next_power_of_2(H),
+    )
+    return r, p
+
+
+def _launch_bwd(
+    grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor, wrap=_identity  # noqa: ANN001
+) -> tuple[Tensor, Tensor]:
+    """dk [M,H,C] and dx [M,16,C] (dtypes of k_dir and x20); p is the forward's fp32 output."""
+    M, H, C = k_dir.shape
+    dk = torch.empty((M, H, C), dtype=k_dir.dtype, device=k_dir.device)
+    dx = torch.empty((M, _ROWS, C), dtype=x20.dtype, device=x20.device)
+    if M == 0:
+        return dk, dx
+    has_gp = grad_p is not None
+    gp = grad_p.contiguous() if has_gp else p  # p stands in as an unread placeholder
+    wrap(_capool_bwd)[(M,)](
+        grad_r, gp, k_dir, x20, p.contiguous(), dk, dx,
+        H, C, _m_bucket(M),
+        *grad_r.stride(), *k_dir.stride(), *x20.stride(),
+        HAS_GP=has_gp, BLOCK_H=triton.next_power_of_2(H),
+    )
+    return dk, dx
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library operators: opaque custom ops for the interpreter, triton_op on GPUs (which lets
+# torch.compile see the kernels). Either way torch.compile and FakeTensor tracing work.
+# --------------------------------------------------------------------------------------------
+if INTERPRETED:
+
+    @torch.library.custom_op("dsca::capool_attend_pool", mutates_args=())
+    def _attend_pool_op(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
+        return _launch_fwd(k_dir, x20)
+
+    @_attend_pool_op.register_fake
+    def _(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
+        M, H, C = k_dir.shape
+        return k_dir.new_empty((M, H, C)), k_dir.new_empty((M, H, _ROWS), dtype=torch.float32)
+
+    @torch.library.custom_op("dsca::capool_attend_pool_backward", mutates_args=())
+    def _attend_pool_bwd_op(
+        grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return _launch_bwd(grad_r, grad_p, k_dir, x20, p)
+
+    @_attend_pool_bwd_op.register_fake
+    def _(
+        grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        M, H, C = k_dir.shape
+        return k_dir.new_empty((M, H, C)), x20.new_empty((M, _ROWS, C))
+
+else:
+
+    @torch.library.triton_op("dsca::capool_attend_pool", mutates_args=())
+    def _attend_pool_op(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
+        return _launch_fwd(k_dir, x20, torch.library.wrap_triton)
+
+    @torch.library.triton_op("dsca::capool_attend_pool_backward", mutates_args=())
+    def _attend_pool_bwd_op(
+        grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return _launch_bwd(grad_r, grad_p, k_dir, x20, p, torch.library.wrap_triton)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+class _AttendPool(torch.autograd.Function):
+    """(k_dir [M,H,C], x20 [M,16,C]) -> (r [M,H,C], p [M,H,16] fp32), gradients for both inputs.
+
+    custom_fwd/custom_bwd run the backward under the forward's autocast state; the inputs
+    are already in one dtype (see :func:`attend_pool_triton`).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        r, p = torch.ops.dsca.capool_attend_pool(k_dir, x20)
+        ctx.save_for_backward(k_dir, x20, p)
+        return r, p
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_r: Tensor | None, grad_p: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        k_dir, x20, p = ctx.saved_tensors
+        if grad_r is None:  # only the attention map was used
+            grad_r = torch.zeros_like(k_dir)
+        dk, dx = torch.ops.dsca.capool_attend_pool_backward(grad_r, grad_p, k_dir, x20, p)
+        return dk, dx
+
+
+def attend_pool_triton(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton attend-and-pool core (same contract as ``attend_pool_torch``).
+
+    Args:
+        k_dir: [M, H, C]; x20: [M, 16, C]; any strides.
+
+    Returns:
+        pooled rows [M, H, C] and probabilities [M, H, 16], both in the common dtype (the
+        autocast dtype when autocast is on); accumulation is fp32.
+    """
+    device_type = x20.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(k_dir.dtype, x20.dtype)
+    r, p = _AttendPool.apply(k_dir.to(dtype), x20.to(dtype))
+    return r, p.to(dtype)
+
+
+def capool_triton(
+    x20: Tensor,
+    query: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor,
+    num_heads: int,
+) -> tuple[Tensor, Tensor]:
+    """CAPool with the Triton core; same arguments and returns as ``capool_folded``.
+
+    Args:
+        x20: [M, 16, C]; query: [M, C]; in_proj_weight [3C, C]; in_proj_bias [3C];
+        out_proj_weight [C, C]; out_proj_bias [C]; num_heads H dividing C.
+
+    Returns:
+        pooled [M, C] and attention probabilities [M, H, 16].
+    """
+    k_dir = fold_query(query, in_proj_weight, in_proj_bias, num_heads)
+    pooled_rows, attn = attend_pool_triton(k_dir, x20)
+    out = project_out(pooled_rows, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
+    return out, attn

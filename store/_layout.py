@@ -1,0 +1,46 @@
+"""Constants of the `dsca-store/1` layout and the codec presets it may be written with."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr.codecs as zc
+
+FORMAT = "dsca-store/1"
+SCALE = 4  # one x5 patch = SCALE x SCALE x20 patches
+BLOCK = SCALE * SCALE
+LEVELS = {"x5": 2, "x20": 1}
+SLIDES = "slides"
+ARRAYS = ("x5", "x20", "coords", "grid", "grid_index")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+# Target size of one inner (decodable) chunk: big enough that per-chunk overhead is noise,
+# small enough that region reads touch little extra data (ARCHITECTURE: 1-4 MiB).
+CHUNK_BYTES = 2 << 20
+
+# Chosen by measurement (README "codecs"): float16 activations barely compress (zstd-1 saves
+# ~10% at ~1 GB/s decode), so the default keeps bytes raw and only appends a checksum; the
+# presets stay selectable for features that compress better (e.g. sparse post-ReLU vectors).
+DEFAULT_CODEC = "none"
+
+
+def codec_chain(name: str) -> list[Any]:
+    """Bytes->bytes codecs of one inner chunk for preset `name` (crc32c always last)."""
+    presets: dict[str, list[Any]] = {
+        "none": [],
+        "zstd1": [zc.ZstdCodec(level=1)],
+        "zstd3": [zc.ZstdCodec(level=3)],
+        "blosc-lz4": [zc.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+        "blosc-zstd": [zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+    }
+    if name not in presets:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(presets)}")
+    return [*presets[name], zc.Crc32cCodec()]
+
+
+CODECS = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-zstd")
+
+
+def rows_per_chunk(row_bytes: int) -> int:
+    """Rows of a 2-D/3-D array per inner chunk so that a chunk holds about CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // max(1, row_bytes))

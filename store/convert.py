@@ -1,0 +1,404 @@
+"""`dsca-store convert`: validate a cohort's CLAM outputs and pack them into a `dsca-store/1` store.
+
+Each slide is validated completely before anything of it is written; its group is written
+array by array (each in one go: a partial write of a shard rewrites the whole shard) and only
+then marked ``complete``. Readers ignore incomplete slides and a rerun redoes them, so a run
+killed at any point leaves no slide that claims to be complete and is not.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from tqdm import tqdm
+
+import dsca
+from dsca.store._layout import (
+    BLOCK,
+    DEFAULT_CODEC,
+    DTYPES,
+    FORMAT,
+    LEVELS,
+    SCALE,
+    SLIDES,
+    codec_chain,
+    rows_per_chunk,
+)
+from dsca.store.align import check_alignment
+from dsca.store.clam import ClamError, CoordsFile, FeatureDir, find_coords_dir, read_coords, read_feature_files
+
+__all__ = ["ConvertReport", "ConvertError", "convert_cohort", "read_label_slides"]
+
+log = logging.getLogger(__name__)
+
+
+class ConvertError(Exception):
+    """The run as a whole cannot start (bad directories, incompatible existing store)."""
+
+
+@dataclass
+class ConvertReport:
+    """Outcome of one convert run.
+
+    Attributes:
+        converted: slides written by this run.
+        skipped: slides already complete in the store (resume).
+        failures: (slide_id, one-line reason) of every slide that was not converted.
+        missing: slides listed in the labels CSV without any feature file.
+        source_bytes: bytes of the source files read for the converted slides.
+        seconds: wall time of the run.
+    """
+
+    out: Path
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    source_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.missing
+
+    def lines(self) -> Iterator[str]:
+        """One line per problem (slide id first), for the CLI."""
+        for sid, reason in self.failures:
+            yield f"{sid}: {reason}"
+        for sid in self.missing:
+            yield f"{sid}: listed in the labels CSV but has no feature files (missing)"
+
+
+@dataclass(frozen=True)
+class _SlideTask:
+    slide_id: str
+    out: str
+    x5_coords: str | None
+    x20_coords: str | None
+    x5_pt: str | None
+    x5_h5: str | None
+    x20_pt: str | None
+    x20_h5: str | None
+    dtype: str
+    codec: str
+    dim: int | None
+    patient_id: str | None
+
+
+def read_label_slides(labels: str | Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """slide id -> patient id from a labels CSV, and (slide_id, reason) for conflicting duplicates."""
+    path = Path(labels)
+    try:
+        df = pd.read_csv(path, dtype={"pathology_id": str, "patient_id": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ConvertError(f"{path}: cannot read labels CSV ({exc})") from None
+    for column in ("pathology_id", "patient_id"):
+        if column not in df.columns:
+            raise ConvertError(f"{path}: labels CSV has no '{column}' column")
+    mapping: dict[str, str] = {}
+    bad: dict[str, str] = {}
+    for row, (sid, pid) in enumerate(zip(df["pathology_id"], df["patient_id"]), start=2):
+        sid, pid = str(sid).strip(), str(pid).strip()
+        if sid in mapping and mapping[sid] != pid:
+            bad[sid] = f"duplicate slide id in {path.name} (line {row}): patients {mapping[sid]} and {pid}"
+        mapping.setdefault(sid, pid)
+    return mapping, sorted(bad.items())
+
+
+def _source_bytes(task: _SlideTask) -> int:
+    paths = (task.x5_coords, task.x20_coords, task.x5_pt or task.x5_h5, task.x20_pt or task.x20_h5)
+    return sum(os.path.getsize(p) for p in paths if p)
+
+
+def _validate(task: _SlideTask) -> tuple[np.ndarray, np.ndarray, CoordsFile, dict]:
+    """Read and check one slide; raises ClamError with the reason."""
+    if task.x5_coords is None:
+        raise ClamError("missing x5 coords file (no patches/<slide>.h5)")
+    if task.x5_pt is None and task.x5_h5 is None:
+        raise ClamError("missing x5 features (no .pt/.h5 in the x5 feature dir)")
+    if task.x20_pt is None and task.x20_h5 is None:
+        raise ClamError("missing x20 features (no .pt/.h5 in the x20 feature dir)")
+    low = read_coords(Path(task.x5_coords))
+    x5, x5_h5_coords = read_feature_files(*(Path(p) if p else None for p in (task.x5_pt, task.x5_h5)))
+    x20, x20_h5_coords = read_feature_files(*(Path(p) if p else None for p in (task.x20_pt, task.x20_h5)))
+    n = low.coords.shape[0]
+    if x5.shape[0] != n:
+        raise ClamError(f"x5 features have {x5.shape[0]} rows but the coords file has {n}")
+    if x20.shape[0] != BLOCK * x5.shape[0]:
+        raise ClamError(f"x20 features have {x20.shape[0]} rows, expected {BLOCK} x {n} x5 rows = {BLOCK * n}")
+    if x5.shape[1] != x20.shape[1]:
+        raise ClamError(f"feature dims differ between levels: x5 {x5.shape[1]}, x20 {x20.shape[1]}")
+    if task.dim is not None and x5.shape[1] != task.dim:
+        raise ClamError(f"feature dim {x5.shape[1]} differs from the cohort's {task.dim}")
+    for name, x in (("x5", x5), ("x20", x20)):
+        finite = np.isfinite(x)
+        if not finite.all():
+            bad = int(np.count_nonzero(~finite))
+            raise ClamError(f"{name} features contain {bad} NaN/Inf values (first at row {int(np.argmin(finite.all(1)))})")
+    if x5_h5_coords is not None and not np.array_equal(x5_h5_coords, low.coords):
+        raise ClamError("x5 h5_files coords disagree with the x5 coords file (different patches or order)")
+    high_ds = None
+    high = None
+    if task.x20_coords is not None:
+        high_file = read_coords(Path(task.x20_coords))
+        high, high_ds = high_file.coords, (high_file.downsample if "downsample" in high_file.attrs else None)
+        if x20_h5_coords is not None and not np.array_equal(x20_h5_coords, high):
+            raise ClamError("x20 h5_files coords disagree with the x20 coords file (different patches or order)")
+    elif x20_h5_coords is not None:
+        high = x20_h5_coords
+    if high is not None:
+        reason = check_alignment(low, high, high_ds)
+        if reason:
+            raise ClamError(reason)
+    sources = {
+        name: {"file": os.path.basename(p), "bytes": os.path.getsize(p)}
+        for name, p in (("x5_coords", task.x5_coords), ("x20_coords", task.x20_coords),
+                        ("x5_features", task.x5_pt or task.x5_h5), ("x20_features", task.x20_pt or task.x20_h5))
+        if p
+    }
+    return x5, x20, low, sources
+
+
+def _grid(low: CoordsFile) -> tuple[np.ndarray, np.ndarray, int]:
+    """grid [N,2] int32 = coords // step, grid_index [H,W] int32 (-1 = none), #collisions."""
+    grid = (low.coords // low.step[None, :]).astype(np.int32)
+    h, w = int(grid[:, 1].max()) + 1, int(grid[:, 0].max()) + 1
+    index = np.full((h, w), -1, dtype=np.int32)
+    rows = np.arange(len(grid), dtype=np.int32)
+    # reversed so that, where two patches share a cell, the first one in source order wins
+    index[grid[::-1, 1], grid[::-1, 0]] = rows[::-1]
+    collisions = len(grid) - int(np.count_nonzero(index >= 0))
+    return grid, index, collisions
+
+
+_ROOTS: dict[str, zarr.Group] = {}
+
+
+def _slides_group(out: str) -> zarr.Group:
+    # one handle per process: opening a group costs several metadata reads
+    if out not in _ROOTS:
+        _ROOTS[out] = zarr.open_group(out, mode="r+", use_consolidated=False)[SLIDES]
+    return _ROOTS[out]
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, codec: str) -> None:
+    rows = rows_per_chunk(int(np.prod(data.shape[1:])) * data.dtype.itemsize)
+    rows = min(rows, data.shape[0])
+    chunks = (rows, *data.shape[1:])
+    # one shard spanning the array: a slide array is one file
+    shards = (-(-data.shape[0] // rows) * rows, *data.shape[1:])
+    compressors = codec_chain(codec) if data.dtype.kind == "f" else codec_chain("none")
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
+                             compressors=compressors, fill_value=0)
+    arr[...] = data
+
+
+def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
+    """Worker: validate + write one slide. Returns (slide_id, failure reason or None, bytes)."""
+    try:
+        x5, x20, low, sources = _validate(task)
+    except ClamError as exc:
+        return task.slide_id, str(exc), 0
+    except MemoryError:
+        return task.slide_id, "out of memory while reading the slide", 0
+    dtype = DTYPES[task.dtype]
+    grid, grid_index, collisions = _grid(low)
+    slides = _slides_group(task.out)
+    folder = Path(task.out) / SLIDES / task.slide_id
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        g = slides.create_group(task.slide_id, attributes={"complete": False})
+        _write_array(g, "x5", x5.astype(dtype, copy=False), task.codec)
+        _write_array(g, "x20", x20.reshape(-1, BLOCK, x20.shape[1]).astype(dtype, copy=False), task.codec)
+        _write_array(g, "coords", low.coords.astype(np.int64), "none")
+        _write_array(g, "grid", grid, "none")
+        _write_array(g, "grid_index", grid_index, "none")
+        attrs = {
+            "patient_id": task.patient_id,
+            "n_patches": int(low.coords.shape[0]),
+            "patch_size": low.patch_size,
+            "patch_level": low.patch_level,
+            "downsample": low.downsample.tolist(),
+            "step": low.step.tolist(),
+            "grid_collisions": collisions,
+            "sources": sources,
+        }
+        g.attrs.update(attrs)
+        g.attrs["complete"] = True  # last: the slide is only visible once all of it is on disk
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return task.slide_id, None, _source_bytes(task)
+
+
+def _init_store(out: Path, dtype: str, codec: str, extractor: str, overwrite: bool) -> dict:
+    """Create the root group or check an existing one; drop stale consolidated metadata."""
+    if (out / "zarr.json").exists():
+        root = zarr.open_group(out, mode="r+", use_consolidated=False)
+        attrs = dict(root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise ConvertError(f"{out} exists but is not a {FORMAT} store (format={attrs.get('format')!r})")
+        if attrs.get("dtype") != dtype and not overwrite:
+            raise ConvertError(f"{out} holds {attrs.get('dtype')} features, asked for {dtype}; use --overwrite")
+        if SLIDES not in root:
+            root.create_group(SLIDES)
+        _drop_consolidated(out)
+        return attrs
+    elif out.exists() and any(out.iterdir()):
+        raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
+    root = zarr.open_group(out, mode="w", zarr_format=3)
+    attrs = {
+        "format": FORMAT,
+        "feature_dim": None,
+        "scale": SCALE,
+        "dtype": dtype,
+        "codec": codec,
+        "levels": LEVELS,
+        "extractor": extractor,
+        "created_by": f"dsca {dsca.__version__}",
+    }
+    root.attrs.update(attrs)
+    root.create_group(SLIDES)
+    return attrs
+
+
+def _drop_consolidated(out: Path) -> None:
+    # a stale consolidated view would hide slides this run rewrites; it is rebuilt at the end
+    meta = out / "zarr.json"
+    doc = json.loads(meta.read_text())
+    if doc.pop("consolidated_metadata", None) is not None:
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(meta)
+
+
+def _complete_slides(out: Path) -> set[str]:
+    done = set()
+    folder = out / SLIDES
+    if not folder.is_dir():
+        return done
+    for child in folder.iterdir():
+        meta = child / "zarr.json"
+        try:
+            if json.loads(meta.read_text()).get("attributes", {}).get("complete") is True:
+                done.add(child.name)
+        except (OSError, ValueError):
+            continue
+    return done
+
+
+def convert_cohort(
+    *,
+    x5_features: str | Path,
+    x20_features: str | Path,
+    x5_coords: str | Path,
+    out: str | Path,
+    x20_coords: str | Path | None = None,
+    labels: str | Path | None = None,
+    dtype: str = "float16",
+    codec: str = DEFAULT_CODEC,
+    jobs: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    extractor: str | None = None,
+) -> ConvertReport:
+    """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report."""
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    codec_chain(codec)  # validates the name
+    out = Path(out)
+    try:
+        f5, f20 = FeatureDir.open(x5_features), FeatureDir.open(x20_features)
+        c5_dir = find_coords_dir(Path(x5_coords))
+        c20_dir = find_coords_dir(Path(x20_coords)) if x20_coords is not None else None
+    except ClamError as exc:
+        raise ConvertError(str(exc)) from None
+    c5 = {p.stem: p for p in sorted(c5_dir.glob("*.h5"))}
+    c20 = {p.stem: p for p in sorted(c20_dir.glob("*.h5"))} if c20_dir else {}
+
+    report = ConvertReport(out=out)
+    failures: dict[str, str] = dict(f5.duplicates + f20.duplicates)
+    label_map: dict[str, str] = {}
+    if labels is not None:
+        label_map, dup = read_label_slides(labels)
+        failures.update(dup)
+    everything = set(c5) | f5.slide_ids | f20.slide_ids
+    report.missing = sorted(s for s in label_map if s not in everything and s not in failures)
+    for sid in sorted(everything - set(label_map)) if labels is not None else ():
+        log.warning("%s: not in the labels CSV; converted without a patient id", sid)
+
+    attrs = _init_store(out, dtype, codec, extractor or f5.root.name, overwrite)
+    complete = _complete_slides(out)
+    dim = attrs.get("feature_dim")
+    if dim is None:
+        dims = Counter(d for sid in sorted(everything) for d in (f5.peek_dim(sid), f20.peek_dim(sid)) if d)
+        dim = dims.most_common(1)[0][0] if dims else None
+        if dim is not None:  # recorded before any slide: a killed run must leave a readable store
+            zarr.open_group(out, mode="r+", use_consolidated=False).attrs["feature_dim"] = int(dim)
+
+    tasks = []
+    for sid in sorted(everything):
+        if sid in failures:
+            continue
+        if sid in complete and not overwrite:
+            report.skipped.append(sid)
+            continue
+
+        def s(p: Path | None) -> str | None:
+            return str(p) if p is not None else None
+
+        tasks.append(_SlideTask(sid, str(out), s(c5.get(sid)), s(c20.get(sid)) if c20_dir else None,
+                                s(f5.pt.get(sid)), s(f5.h5.get(sid)), s(f20.pt.get(sid)), s(f20.h5.get(sid)),
+                                dtype, codec, dim, label_map.get(sid)))
+    if c20_dir is not None:
+        for t in tasks:
+            if t.x20_coords is None:
+                failures[t.slide_id] = f"missing x20 coords file (no {t.slide_id}.h5 in {c20_dir})"
+        tasks = [t for t in tasks if t.x20_coords is not None]
+    if report.skipped:
+        log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
+
+    bar = tqdm(total=len(tasks), desc="convert", unit="slide", disable=not progress)
+    try:
+        for sid, reason, nbytes in _run(tasks, jobs):
+            bar.update()
+            if reason is None:
+                report.converted.append(sid)
+                report.source_bytes += nbytes
+            else:
+                failures[sid] = reason
+    finally:
+        bar.close()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(out)
+    report.failures = sorted(failures.items())
+    report.converted.sort()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, int]]:
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _convert_slide(task)
+        return
+    # spawn, not fork: zarr runs an event-loop thread that a forked child would not have
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        yield from pool.map(_convert_slide, tasks, chunksize=1)

@@ -1,0 +1,268 @@
+"""A synthetic cohort in CLAM's on-disk layout, with a prognostic signal that needs both streams.
+
+Each slide is a few blob-shaped tissue regions on CLAM's level-2 patch lattice. Inside the
+tissue, tumour nests sit in stroma and "other" tissue; the x5 feature of a patch is its tissue
+prototype plus noise. Every x5 patch owns a 4x4 block of x20 rows (texture of the same tissue
+plus noise); in some blocks a few of the 16 rows also carry a motif vector. Only the motif in
+TUMOUR blocks drives risk (its rate per patient varies), while the same motif also appears in
+non-tumour blocks at a fixed rate (a decoy). So x5 alone carries no signal (tumour fraction is
+independent of risk), x20 alone sees a diluted one, and both together recover it.
+
+Layout written under `out_dir` (names as the reference's tutorial uses them)::
+
+    tiles-l2-s256/patches/<sid>.h5 + process_list_autogen.csv     level-2 coords
+    tiles-l1-s256/patches/<sid>.h5 + process_list_autogen.csv     made by dsca-store align
+    feats-l2-s256-synth/{pt_files,h5_files}/<sid>.{pt,h5}         x5 features
+    feats-l1-s256-synth/{pt_files,h5_files}/<sid>.{pt,h5}         x20 features (16 rows/patch)
+    synth_path_full.csv                                           pathology_id,patient_id,e,t
+    splits/synth-seed<S>-fold<k>.npz                              train/val/test patients
+    truth.csv, patterns.npz                                       hidden risk, planted vectors
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from dsca.store._layout import BLOCK
+from dsca.store.align import align_dir
+from dsca.store.clam import write_coords
+
+__all__ = ["SynthSpec", "SynthCohort", "write_synthetic_cohort", "TISSUES"]
+
+log = logging.getLogger(__name__)
+
+TISSUES = ("tumour", "stroma", "other")
+_PATCH = 256
+_LEVEL = 2
+# Real SVS pyramids have slightly non-integer, per-axis downsamples.
+_DOWNSAMPLE = (16.001219, 16.000924)
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Size and signal of a synthetic cohort.
+
+    Attributes:
+        patients: number of patients.
+        seed: everything is deterministic given the seed.
+        dim: feature dimension D of both levels.
+        patches: mean number of low-res patches per slide.
+        signal: log-hazard ratio per standard deviation of the tumour-motif rate.
+        censoring: target fraction of censored patients.
+        multi_slide: fraction of patients with 2-3 slides.
+        motif_rows: rows (of 16) that carry the motif in a positive block.
+        decoy_rate: motif rate in non-tumour blocks (independent of risk).
+        noise: feature noise standard deviation (prototypes have unit norm * 2).
+        h5_files: also write CLAM's h5_files/ copies (features + coords).
+        folds: number of cross-validation splits.
+    """
+
+    patients: int = 100
+    seed: int = 0
+    dim: int = 128
+    patches: int = 90
+    signal: float = 1.5
+    censoring: float = 0.35
+    multi_slide: float = 0.25
+    motif_rows: int = 3
+    decoy_rate: float = 0.3
+    noise: float = 1.0
+    h5_files: bool = True
+    folds: int = 5
+
+
+@dataclass(frozen=True)
+class SynthCohort:
+    """Paths of a written cohort (see the module docstring) and its hidden truth."""
+
+    root: Path
+    x5_coords: Path
+    x20_coords: Path
+    x5_features: Path
+    x20_features: Path
+    labels_csv: Path
+    splits: list[Path]
+    truth_csv: Path
+    spec: SynthSpec
+    slide_ids: list[str] = field(default_factory=list)
+
+
+def _tissue_mask(rng: np.random.Generator, n_target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells (col, row) inside 1-3 noisy elliptical blobs; about `n_target` of them."""
+    n_blobs = int(rng.integers(1, 4))
+    side = int(np.ceil(np.sqrt(n_target * 3.0))) + 6
+    cols, rows = np.meshgrid(np.arange(side), np.arange(side), indexing="xy")
+    field_ = np.full(cols.shape, -np.inf)
+    for _ in range(n_blobs):
+        cx, cy = rng.uniform(0.25, 0.75, size=2) * side
+        ax, ay = rng.uniform(0.5, 1.0, size=2)
+        theta = rng.uniform(0, np.pi)
+        dx, dy = cols - cx, rows - cy
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / ax
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / ay
+        field_ = np.maximum(field_, -np.hypot(u, v) + rng.normal(0, 0.6, size=cols.shape))
+    # the threshold that keeps n_target cells gives blobs of the wanted total size
+    order = np.sort(field_.ravel())[::-1]
+    keep = field_ >= order[min(n_target, order.size) - 1]
+    return cols[keep], rows[keep]
+
+
+def _tissue_types(rng: np.random.Generator, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """0 = tumour nests around a few seeds, 1 = stroma ring, 2 = other tissue."""
+    n = len(cols)
+    n_seeds = int(rng.integers(1, 4))
+    seeds = rng.choice(n, size=min(n_seeds, n), replace=False)
+    d = np.min(np.hypot(cols[:, None] - cols[seeds], rows[:, None] - rows[seeds]), axis=1)
+    radius = rng.uniform(1.5, 0.35 * np.sqrt(n) + 2.0)
+    types = np.where(d <= radius, 0, np.where(d <= radius + 2.5, 1, 2))
+    return types.astype(np.int64)
+
+
+def _write_features(root: Path, sid: str, x: np.ndarray, coords: np.ndarray, h5_files: bool) -> None:
+    (root / "pt_files").mkdir(parents=True, exist_ok=True)
+    torch.save(torch.from_numpy(x), root / "pt_files" / f"{sid}.pt")
+    if h5_files:
+        (root / "h5_files").mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / "h5_files" / f"{sid}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=coords.astype(np.int64))
+
+
+def _censor_to_rate(rng: np.random.Generator, t_event: np.ndarray, rate: float) -> np.ndarray:
+    """Uniform(0, c_max) censoring times, c_max chosen so that ~`rate` are censored."""
+    u = rng.uniform(size=t_event.shape)
+    lo, hi = float(t_event.min()) * 0.5, float(t_event.max()) * 50.0
+    for _ in range(60):  # bisection on c_max: the censored fraction decreases as c_max grows
+        mid = np.sqrt(lo * hi)
+        if np.mean(u * mid < t_event) > rate:
+            lo = mid
+        else:
+            hi = mid
+    return u * np.sqrt(lo * hi)
+
+
+def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True) -> SynthCohort:
+    """Write a deterministic synthetic cohort in CLAM's layout; see the module docstring."""
+    if spec.patients < spec.folds:
+        raise ValueError(f"need at least {spec.folds} patients for {spec.folds} folds, got {spec.patients}")
+    if not 1 <= spec.motif_rows <= BLOCK:
+        raise ValueError(f"motif_rows must be in 1..{BLOCK}, got {spec.motif_rows}")
+    rng = np.random.default_rng(spec.seed)
+    root = Path(out_dir)
+    l2 = root / f"tiles-l2-s{_PATCH}"
+    l1 = root / f"tiles-l1-s{_PATCH}"
+    f2 = root / f"feats-l2-s{_PATCH}-synth"
+    f1 = root / f"feats-l1-s{_PATCH}-synth"
+    (l2 / "patches").mkdir(parents=True, exist_ok=True)
+
+    d = spec.dim
+    unit = rng.normal(size=(7, d))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    proto_x5, proto_x20, motif = 2.0 * unit[:3], 2.0 * unit[3:6], 2.5 * unit[6]
+
+    # per-patient tumour-motif rate drives risk; its spread is what the model must read
+    rate = rng.beta(2.0, 3.0, size=spec.patients)
+    risk = spec.signal * (rate - rate.mean()) / (rate.std() + 1e-12)
+    scale_days = 900.0
+    t_event = scale_days * rng.weibull(1.3, size=spec.patients) * np.exp(-risk / 1.3)
+    t_cens = _censor_to_rate(rng, t_event, spec.censoring)
+    t_obs = np.maximum(1, np.rint(np.minimum(t_event, t_cens))).astype(np.int64)
+    event = (t_event <= t_cens).astype(np.int64)
+
+    label_rows, truth_rows, process_rows, slide_ids = [], [], [], []
+    step = (_PATCH * np.asarray(_DOWNSAMPLE)).astype(np.int64)  # CLAM's level-0 grid step
+    for p in tqdm(range(spec.patients), desc="synth", unit="patient", disable=not progress):
+        pid = f"SYN-{p:04d}"
+        n_slides = 1 if rng.uniform() >= spec.multi_slide else int(rng.integers(2, 4))
+        tumour_blocks = motif_tumour = 0
+        for k in range(n_slides):
+            sid = f"{pid}-01Z-00-DX{k + 1}"
+            n = max(8, int(rng.poisson(spec.patches)))
+            cols, rows = _tissue_mask(rng, n)
+            types = _tissue_types(rng, cols, rows)
+            n = len(cols)
+            origin = rng.integers(2, 40, size=2) * 97  # tissue does not start at the slide corner
+            coords = origin[None, :] + np.stack([cols, rows], axis=1) * step[None, :]
+            order = np.lexsort((coords[:, 0], coords[:, 1]))  # CLAM walks row by row
+            coords, types = coords[order], types[order]
+
+            x5 = proto_x5[types] + spec.noise * rng.normal(size=(n, d))
+            x20 = proto_x20[types][:, None, :] + spec.noise * rng.normal(size=(n, BLOCK, d))
+            p_block = np.where(types == 0, rate[p], spec.decoy_rate)
+            positive = rng.uniform(size=n) < p_block
+            for i in np.flatnonzero(positive):
+                x20[i, rng.choice(BLOCK, size=spec.motif_rows, replace=False)] += motif
+            tumour_blocks += int(np.sum(types == 0))
+            motif_tumour += int(np.sum(positive & (types == 0)))
+
+            w, h = (coords.max(axis=0) + step + origin) // step
+            attrs = {
+                "patch_size": _PATCH,
+                "patch_level": _LEVEL,
+                "downsample": np.asarray(_DOWNSAMPLE),
+                "downsampled_level_dim": np.array([w, h], dtype=np.int64),
+                "level_dim": np.array([w, h], dtype=np.int64),
+                "name": sid,
+                "save_path": str(l2 / "patches"),
+            }
+            write_coords(l2 / "patches" / f"{sid}.h5", coords, attrs)
+            _write_features(f2, sid, x5.astype(np.float32), coords, spec.h5_files)
+            # x20 coords come from our own aligner below; features follow its row order
+            x20_rows = x20.reshape(n * BLOCK, d).astype(np.float32)
+            np.save(root / f".x20-{sid}.npy", x20_rows)
+            label_rows.append((sid, pid, int(event[p]), int(t_obs[p])))
+            process_rows.append({"slide_id": f"{sid}.svs", "process": 1, "status": "processed",
+                                 "seg": 1, "patch": 1, "patch_level": _LEVEL, "patch_size": _PATCH})
+            slide_ids.append(sid)
+        truth_rows.append({"patient_id": pid, "risk": risk[p], "motif_rate": rate[p],
+                           "tumour_blocks": tumour_blocks, "tumour_motif_blocks": motif_tumour,
+                           "t_event": t_event[p], "t_censor": t_cens[p]})
+
+    pd.DataFrame(process_rows).to_csv(l2 / "process_list_autogen.csv", index=False)
+    report = align_dir(l2, l1, level=1, progress=False)
+    if not report.ok:  # our own output: a failure here is a bug, not bad input
+        raise RuntimeError(f"aligning synthetic coords failed: {report.failures[:3]}")
+    for sid in slide_ids:
+        tmp = root / f".x20-{sid}.npy"
+        with h5py.File(l1 / "patches" / f"{sid}.h5", "r") as f:
+            x20_coords = f["coords"][()]
+        _write_features(f1, sid, np.load(tmp), x20_coords, spec.h5_files)
+        tmp.unlink()
+
+    labels_csv = root / "synth_path_full.csv"
+    pd.DataFrame(label_rows, columns=["pathology_id", "patient_id", "e", "t"]).to_csv(labels_csv, index=False)
+    truth_csv = root / "truth.csv"
+    pd.DataFrame(truth_rows).to_csv(truth_csv, index=False)
+    # the planted pattern itself, for oracle checks of the signal
+    np.savez(root / "patterns.npz", proto_x5=proto_x5, proto_x20=proto_x20, motif=motif,
+             tissues=np.asarray(TISSUES))
+    splits = _write_splits(root / "splits", [r["patient_id"] for r in truth_rows], event, spec)
+    (root / "synth_spec.json").write_text(pd.Series(asdict(spec)).to_json(indent=1))
+    return SynthCohort(root, l2, l1, f2, f1, labels_csv, splits, truth_csv, spec, slide_ids)
+
+
+def _write_splits(folder: Path, patients: list[str], event: np.ndarray, spec: SynthSpec) -> list[Path]:
+    """K folds stratified by event: fold k tests one part, validates on 1/(K-1) of the rest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed + 1)
+    ids = np.asarray(patients)
+    part = np.empty(len(ids), dtype=np.int64)
+    for e in (0, 1):
+        idx = rng.permutation(np.flatnonzero(event == e))
+        part[idx] = np.arange(len(idx)) % spec.folds
+    paths = []
+    for k in range(spec.folds):
+        test = ids[part == k]
+        rest = rng.permutation(ids[part != k])
+        n_val = max(1, len(rest) // (spec.folds - 1)) if spec.folds > 1 else 0
+        path = folder / f"synth-seed{spec.seed}-fold{k}.npz"
+        np.savez(path, train_patients=rest[n_val:], val_patients=rest[:n_val], test_patients=test)
+        paths.append(path)
+    return paths

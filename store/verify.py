@@ -1,0 +1,159 @@
+"""`dsca-store info` and `dsca-store verify`: what a store holds, and whether every byte is sound."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from dsca.store._layout import BLOCK, FORMAT, SLIDES
+from dsca.store.reader import FeatureStore, StoreError
+
+__all__ = ["StoreInfo", "store_info", "verify_store", "VerifyReport"]
+
+log = logging.getLogger(__name__)
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Summary of a store.
+
+    `feature_bytes` is what x5 + x20 take on disk; `raw_bytes` what they take decoded in the
+    stored dtype; `source_bytes` the CLAM files they came from.
+    """
+
+    path: Path
+    slides: int
+    incomplete: int
+    patients: int
+    patches: int
+    feature_dim: int | None
+    dtype: str
+    codec: str
+    disk_bytes: int
+    feature_bytes: int
+    raw_bytes: int
+    source_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Stored feature bytes / decoded bytes (lower is better)."""
+        return self.feature_bytes / self.raw_bytes if self.raw_bytes else float("nan")
+
+    def lines(self) -> Iterator[str]:
+        mb = 1e6
+        yield f"store        {self.path}"
+        yield f"slides       {self.slides} complete, {self.incomplete} incomplete; {self.patients} patients"
+        yield f"patches      {self.patches} x5 / {self.patches * BLOCK} x20, dim {self.feature_dim}"
+        yield f"dtype        {self.dtype} (codec {self.codec} + crc32c)"
+        yield f"on disk      {self.disk_bytes / mb:.1f} MB ({self.feature_bytes / mb:.1f} MB features)"
+        yield f"compression  {self.ratio:.3f} of decoded {self.dtype} ({self.raw_bytes / mb:.1f} MB)"
+        if self.source_bytes:
+            yield f"vs sources   {self.disk_bytes / self.source_bytes:.3f} of the CLAM files ({self.source_bytes / mb:.1f} MB)"
+
+
+def store_info(path: str | Path) -> StoreInfo:
+    fs = FeatureStore.open(path)
+    p = Path(path)
+    folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
+    patches = feature_bytes = source_bytes = 0
+    for sid in fs.slide_ids:
+        attrs = fs.slide_attrs(sid)
+        patches += int(attrs["n_patches"])
+        feature_bytes += _disk_bytes(p / SLIDES / sid / "x5" / "c") + _disk_bytes(p / SLIDES / sid / "x20" / "c")
+        source_bytes += sum(int(s["bytes"]) for s in attrs.get("sources", {}).values())
+    dim = fs.attrs.get("feature_dim")
+    raw = patches * (BLOCK + 1) * int(dim or 0) * np.dtype(fs.attrs["dtype"]).itemsize
+    return StoreInfo(p, len(fs.slide_ids), len(folders) - len(fs.slide_ids), len(fs.patient_slides()), patches,
+                     dim, str(fs.attrs["dtype"]), str(fs.attrs.get("codec", "?")), _disk_bytes(p),
+                     feature_bytes, raw, source_bytes)
+
+
+@dataclass
+class VerifyReport:
+    slides: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_slide(group: zarr.Group, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
+    """Read every chunk of a slide through zarr (which checks each crc32c) and its invariants."""
+    try:
+        arrays = {name: group[name][...] for name in ("x5", "x20", "coords", "grid", "grid_index")}
+    except KeyError as exc:
+        return f"array {exc} is missing"
+    except Exception as exc:  # noqa: BLE001 - checksum/decode errors come as many types
+        return f"unreadable chunk ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    x5, x20, coords, grid, index = (arrays[k] for k in ("x5", "x20", "coords", "grid", "grid_index"))
+    n = int(attrs.get("n_patches", -1))
+    shapes = {"x5": (n, dim), "x20": (n, BLOCK, dim), "coords": (n, 2), "grid": (n, 2)}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            return f"{name} has shape {arrays[name].shape}, expected {shape}"
+    if x5.dtype != dtype or x20.dtype != dtype:
+        return f"features are {x5.dtype}/{x20.dtype}, the store says {dtype}"
+    if not (np.isfinite(x5).all() and np.isfinite(x20).all()):
+        return "features contain NaN/Inf"
+    step = np.asarray(attrs.get("step", [1, 1]), dtype=np.int64)
+    if not np.array_equal(grid, coords // step):
+        return "grid != coords // step"
+    if index.shape != (int(grid[:, 1].max()) + 1, int(grid[:, 0].max()) + 1):
+        return f"grid_index has shape {index.shape}, not the grid's extent"
+    hit = index[grid[:, 1], grid[:, 0]]
+    if np.any(hit < 0) or np.any(grid[hit] != grid):
+        return "grid_index does not point back at the patches"
+    if int(np.count_nonzero(index >= 0)) != n - int(attrs.get("grid_collisions", 0)):
+        return "grid_index holds cells without a patch"
+    return None
+
+
+def verify_store(path: str | Path, progress: bool = True) -> VerifyReport:
+    """Check completeness, checksums (every chunk read), shapes and grid invariants."""
+    p = Path(path)
+    report = VerifyReport()
+    try:
+        fs = FeatureStore.open(p)
+    except StoreError as exc:
+        report.problems.append(("<store>", str(exc)))
+        return report
+    root = zarr.open_group(p, mode="r", use_consolidated=False)
+    meta = json.loads((p / "zarr.json").read_text())
+    if meta.get("attributes", {}).get("format") != FORMAT:
+        report.problems.append(("<store>", "root attrs lack the format tag"))
+    dim, dtype = fs.attrs.get("feature_dim"), np.dtype(fs.attrs["dtype"])
+    listed = set(fs.slide_ids)
+    on_disk = sorted(c.name for c in (p / SLIDES).iterdir() if c.is_dir())
+    for sid in on_disk:
+        if sid not in listed:
+            attrs = dict(root[SLIDES][sid].attrs) if sid in root[SLIDES] else {}
+            if attrs.get("complete") is True:
+                report.problems.append((sid, "complete on disk but absent from the consolidated metadata (rerun convert)"))
+            else:
+                report.problems.append((sid, "incomplete slide (interrupted convert?); rerun convert to finish it"))
+    for sid in tqdm(fs.slide_ids, desc="verify", unit="slide", disable=not progress):
+        report.slides += 1
+        group = root[SLIDES][sid]
+        reason = _check_slide(group, dict(group.attrs), int(dim), dtype)
+        if reason is None:
+            # the direct read path must agree with zarr's
+            try:
+                direct = fs.read_slide(sid, dtype=dtype)
+                if not np.array_equal(direct.x20, group["x20"][...]):
+                    reason = "direct reader disagrees with zarr"
+            except StoreError as exc:
+                reason = str(exc)
+        if reason:
+            report.problems.append((sid, reason))
+    return report

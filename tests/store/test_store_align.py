@@ -1,0 +1,53 @@
+"""Alignment of level-2 patches to their 4x4 level-1 blocks, and detection of misaligned files."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from dsca.store.align import align_coords, align_dir, block_offsets, check_alignment
+from dsca.store.clam import CoordsFile, read_coords
+
+
+def test_block_rows_are_row_major_with_downsampled_offsets():
+    coords = np.array([[1000, 2000], [5096, 2000]], dtype=np.int64)
+    ds = np.array([4.0003, 4.0002])
+    high = align_coords(coords, 256, ds)
+    assert high.shape == (32, 2)
+    for i in range(2):
+        for r in range(4):
+            for c in range(4):
+                expect = coords[i] + np.rint(np.array([c, r]) * 256 * ds).astype(np.int64)
+                np.testing.assert_array_equal(high[16 * i + 4 * r + c], expect)
+    # non-integer downsample: the 4th column sits at round(3 * 256 * 4.0003) = 3072, not 3*1024
+    assert block_offsets(256, np.array([4.0003, 4.0002]))[3, 0] == 3072
+    assert block_offsets(256, np.array([4.01, 4.0]))[3, 0] == 3080
+
+
+def test_align_dir_writes_clam_layout(synth_cohort, tmp_path):
+    report = align_dir(synth_cohort.x5_coords, tmp_path / "l1", level=1, progress=False)
+    assert report.ok and report.written == len(synth_cohort.slide_ids)
+    assert (tmp_path / "l1" / "process_list_autogen.csv").is_file()
+    sid = synth_cohort.slide_ids[0]
+    low = read_coords(synth_cohort.x5_coords / "patches" / f"{sid}.h5")
+    with h5py.File(tmp_path / "l1" / "patches" / f"{sid}.h5", "r") as f:
+        dset = f["coords"]
+        assert dset.dtype == np.int64 and dset.shape == (16 * len(low.coords), 2)
+        assert dset.attrs["patch_level"] == 1 and dset.attrs["patch_size"] == 256
+        np.testing.assert_allclose(dset.attrs["downsample"], np.asarray(low.attrs["downsample"]) / 4)
+        np.testing.assert_array_equal(dset.attrs["level_dim"], np.asarray(low.attrs["level_dim"]) * 4)
+        high = dset[()]
+    assert check_alignment(low, high) is None
+    # the 16 sub-patches tile the low-res patch exactly: last column/row end at its far edge
+    span = high.reshape(-1, 16, 2)[:, 15] + np.rint(256 * low.downsample / 4) - low.coords
+    np.testing.assert_allclose(span, np.broadcast_to(256 * low.downsample, span.shape), atol=1.5)
+
+
+def test_naive_patch_size_offsets_are_named():
+    low = CoordsFile(np.array([[0, 0], [4096, 0]]), {"patch_size": 256, "patch_level": 2,
+                                                     "downsample": [16.0012, 16.0009]})
+    naive = align_coords(low.coords, 256, np.ones(2))
+    reason = check_alignment(low, naive)
+    assert reason is not None and "patch_size (256 px)" in reason and "convention" in reason
+    shuffled = align_coords(low.coords, 256, low.downsample / 4)[::-1].copy()
+    assert "not aligned" in check_alignment(low, shuffled)
+    assert "rows" in check_alignment(low, naive[:-1])

@@ -1,0 +1,150 @@
+"""Every validation case of `dsca-store convert`, built in CLAM's real layout.
+
+One damaged copy of the synthetic cohort carries each defect in a different slide; a single
+real CLI run must name each bad slide with its reason, convert all the good ones and exit 1.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dsca.store import FeatureStore
+from dsca.store.align import align_coords
+from dsca.store.clam import read_coords
+
+
+def _pt(path: Path) -> np.ndarray:
+    return torch.load(path, weights_only=True).numpy()
+
+
+def _save_pt(path: Path, x: np.ndarray) -> None:
+    torch.save(torch.from_numpy(np.ascontiguousarray(x)), path)
+
+
+def _set_h5(path: Path, name: str, data: np.ndarray) -> None:
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+
+# defect name -> (what it does to its slide, a fragment of the expected message)
+EXPECTED = {
+    "x20_rows": "x20 features have",
+    "coord_rows": "x5 features have",
+    "level_dims": "feature dims differ between levels",
+    "slide_dims": "differs from the cohort's 32",
+    "nan": "NaN/Inf",
+    "h5_coords": "x5 h5_files coords disagree with the x5 coords file",
+    "naive_offsets": "old big_to_small_patching convention",
+    "truncated_pt": "unreadable or truncated .pt",
+    "corrupt_h5": "unreadable or truncated h5",
+    "empty_pt": "empty file (0 bytes)",
+    "label_duplicate": "duplicate slide id in",
+    "case_duplicate": "duplicate slide id:",
+    "missing_x20": "missing x20 features",
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(synth_cohort, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged") / "cohort"
+    shutil.copytree(synth_cohort.root, root)
+    c5, c20 = root / "tiles-l2-s256" / "patches", root / "tiles-l1-s256" / "patches"
+    f5, f20 = root / "feats-l2-s256-synth", root / "feats-l1-s256-synth"
+    sids = sorted(synth_cohort.slide_ids)
+    bad = dict(zip(EXPECTED, sids[: len(EXPECTED)]))
+    good = sids[len(EXPECTED):]
+    assert len(good) >= 5
+
+    s = bad["x20_rows"]
+    _save_pt(f20 / "pt_files" / f"{s}.pt", _pt(f20 / "pt_files" / f"{s}.pt")[:-16])
+    s = bad["coord_rows"]
+    _save_pt(f5 / "pt_files" / f"{s}.pt", _pt(f5 / "pt_files" / f"{s}.pt")[:-1])
+    s = bad["level_dims"]
+    _save_pt(f20 / "pt_files" / f"{s}.pt", _pt(f20 / "pt_files" / f"{s}.pt")[:, :31])
+    s = bad["slide_dims"]
+    for f in (f5, f20):
+        x = _pt(f / "pt_files" / f"{s}.pt")
+        _save_pt(f / "pt_files" / f"{s}.pt", np.concatenate([x, x[:, :16]], axis=1))
+        (f / "h5_files" / f"{s}.h5").unlink()
+    s = bad["nan"]
+    x = _pt(f5 / "pt_files" / f"{s}.pt")
+    x[3, 5] = np.nan
+    _save_pt(f5 / "pt_files" / f"{s}.pt", x)
+    s = bad["h5_coords"]
+    with h5py.File(f5 / "h5_files" / f"{s}.h5", "r") as f:
+        coords = f["coords"][()]
+    _set_h5(f5 / "h5_files" / f"{s}.h5", "coords", coords[::-1].copy())
+    s = bad["naive_offsets"]
+    low = read_coords(c5 / f"{s}.h5")
+    naive = align_coords(low.coords, 256, np.ones(2))
+    _set_h5(c20 / f"{s}.h5", "coords", naive)
+    _set_h5(f20 / "h5_files" / f"{s}.h5", "coords", naive)
+    s = bad["truncated_pt"]
+    p = f20 / "pt_files" / f"{s}.pt"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    s = bad["corrupt_h5"]
+    p = c5 / f"{s}.h5"
+    data = bytearray(p.read_bytes())
+    data[:64] = b"\x00" * 64  # kills the HDF5 superblock
+    p.write_bytes(bytes(data))
+    s = bad["empty_pt"]
+    (f5 / "pt_files" / f"{s}.pt").write_bytes(b"")
+    labels = pd.read_csv(root / "synth_path_full.csv", dtype=str)
+    s = bad["label_duplicate"]
+    labels = pd.concat([labels, pd.DataFrame([{"pathology_id": s, "patient_id": "SYN-9999", "e": "1", "t": "5"}])])
+    labels = pd.concat([labels, pd.DataFrame([{"pathology_id": "SYN-8888-01Z-00-DX1", "patient_id": "SYN-8888",
+                                               "e": "0", "t": "100"}])])
+    labels.to_csv(root / "synth_path_full.csv", index=False)
+    s = bad["case_duplicate"]
+    # the same slide once more under a name that differs only in case
+    shutil.copy(f5 / "pt_files" / f"{good[0]}.pt", f5 / "pt_files" / f"{s.lower()}.pt")
+    bad["case_duplicate"] = s.lower()
+    s = bad["missing_x20"]
+    (f20 / "pt_files" / f"{s}.pt").unlink()
+    (f20 / "h5_files" / f"{s}.h5").unlink()
+
+    out = root.parent / "store.zarr"
+    cmd = [sys.executable, "-m", "dsca.cli.store_main", "-q", "convert", "--x5-features", str(f5),
+           "--x20-features", str(f20), "--x5-coords", str(c5.parent), "--x20-coords", str(c20.parent),
+           "--labels", str(root / "synth_path_full.csv"), "--out", str(out), "--jobs", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return bad, good, out, run
+
+
+@pytest.mark.parametrize("defect", list(EXPECTED))
+def test_bad_slide_named_with_reason(damaged, defect):
+    bad, _, _, run = damaged
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{bad[defect]}: ")]
+    assert len(lines) == 1, run.stderr
+    assert EXPECTED[defect] in lines[0]
+
+
+def test_good_slides_converted_and_exit_nonzero(damaged):
+    bad, good, out, run = damaged
+    assert run.returncode == 1, run.stderr
+    fs = FeatureStore.open(out)
+    assert fs.slide_ids == sorted(good + [bad["case_duplicate"].upper()])  # the first of a case pair is kept
+    assert not set(fs.slide_ids) & {v for k, v in bad.items() if k != "case_duplicate"}
+    # no half-written output: nothing on disk for the bad slides
+    on_disk = {p.name for p in (out / "slides").iterdir() if p.is_dir()}
+    assert on_disk == set(fs.slide_ids)
+    assert "SYN-8888-01Z-00-DX1: listed in the labels CSV but has no feature files (missing)" in run.stderr
+    assert f"failed {len(bad)}, missing 1" in run.stdout
+
+
+def test_unusable_directories_fail_the_run(tmp_path, synth_cohort):
+    cmd = [sys.executable, "-m", "dsca.cli.store_main", "-q", "convert", "--x5-features", str(tmp_path / "nope"),
+           "--x20-features", str(synth_cohort.x20_features), "--x5-coords", str(synth_cohort.x5_coords),
+           "--out", str(tmp_path / "s.zarr")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "nope does not exist" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.zarr").exists()
