@@ -46,8 +46,9 @@ class TrainConfig:
     with ``{}`` or a list of files), ``folds``, ``bin_cut`` ("cohort" = cut-points on all
     patients as the reference, or "train" = on each fold's training patients), ``cox_ties``,
     ``device`` ("auto", "cpu", "cuda", "cuda:1"), ``amp`` ("auto", "bf16", "fp16", "off";
-    CUDA only), ``eval_bootstrap`` (C-index CI resamples) and ``num_threads`` (CPU threads,
-    0 = torch's default).
+    CUDA only), ``eval_bootstrap`` (C-index CI resamples), ``num_threads`` (CPU threads,
+    0 = torch's default) and ``cache_features`` (keep every patient's features in RAM after
+    the first read: for cohorts that fit in memory).
     """
 
     model: Any
@@ -85,6 +86,7 @@ class TrainConfig:
     amp: str = "auto"
     eval_bootstrap: int = 1000
     num_threads: int = 0
+    cache_features: bool = False
     source: str = "<dict>"
 
     @property

@@ -18,6 +18,7 @@ Notation: ``M = B * N`` blocks, 16 rows per block (row ``4 * r + c`` of the 4x4 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -29,6 +30,11 @@ from dsca.kernels import capool
 
 __all__ = [
     "AvgPoolEmbedding",
+    "Dropout",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "dropout_attention",
+    "keep_mask",
     "BlockConv2d",
     "CAPoolEmbedding",
     "Conv1dEmbedding",
@@ -84,14 +90,15 @@ class _BlockConv3x3(torch.autograd.Function):
         out = out.view(M, BLOCK, C)
         for p, q, _, _, t in _PLAN3:
             out[:, p, :].addmm_(x[:, q, :], taps[t].t())
-        ctx.save_for_backward(x, taps)
+        # the tap-major copy of the weight is cheap to redo: keep only the weight itself
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.wshape = weight.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, taps = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        taps = rearrange(weight, "co ci kr kc -> (kr kc) co ci").contiguous()  # [9, C, D]
         M, _, D = x.shape
         C = taps.shape[1]
         g = grad_out.contiguous()
@@ -110,7 +117,7 @@ class _BlockConv3x3(torch.autograd.Function):
                 else:
                     torch.mm(g[:, p, :].t(), x[:, q, :], out=gtaps[t])
                     seen.add(t)
-            grad_w = rearrange(gtaps, "(kr kc) co ci -> co ci kr kc", kr=3).reshape(ctx.wshape)
+            grad_w = rearrange(gtaps, "(kr kc) co ci -> co ci kr kc", kr=3)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=(0, 1))
         return grad_x, grad_w, grad_b
@@ -225,8 +232,8 @@ class GAPool(nn.Module):
 
     def __init__(self, in_dim: int, hid_dim: int, dropout: float = 0.25) -> None:
         super().__init__()
-        self.fc1 = nn.Sequential(nn.Linear(in_dim, hid_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.score = nn.Sequential(nn.Linear(in_dim, hid_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, hid_dim), nn.Tanh(), Dropout(dropout))
+        self.score = nn.Sequential(nn.Linear(in_dim, hid_dim), nn.Sigmoid(), Dropout(dropout))
         self.fc2 = nn.Linear(hid_dim, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,3 +356,179 @@ class CAPoolEmbedding(_BlockEmbedding):
         if need_logits:
             logits = cross_attention_logits(rows, query, mha).view(B, N, self.num_heads, BLOCK)
         return pooled.view(B, N, -1), probs.view(B, N, self.num_heads, BLOCK), logits
+
+
+# -- dropout with cheap masks ------------------------------------------------------------------
+
+_LANE_BITS = 15
+_LANES = 1 << _LANE_BITS
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[Tensor, float]:
+    """Bernoulli keep-mask for dropout with probability ``p``, 4 draws per 64 random bits.
+
+    ``bernoulli_`` draws one random number per element (it was ~13% of a training step on CPU,
+    the [heads, N, N] attention dropout dominating); here each int64 from ``random_`` (63
+    uniform bits) is split into four 15-bit lanes, each compared with ``round(p * 2^15)``.
+    Elements are kept independently with probability ``keep = 1 - round(p * 2^15) / 2^15``
+    (p quantized to 1/32768) and the returned scale is ``1 / keep``, so the expectation is
+    exact.
+
+    Returns:
+        bool mask of ``shape`` (True = keep) and the scale of kept elements.
+    """
+    n = math.prod(shape)
+    threshold = round(p * _LANES)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    lanes = words.view(torch.int16)[:n].bitwise_and_(_LANES - 1)
+    return (lanes >= threshold).view(shape), _LANES / (_LANES - threshold)
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with masks from :func:`keep_mask` (same distribution, cheaper draws)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or round(self.p * _LANES) == 0:
+            return x
+        keep, scale = keep_mask(x.shape, self.p, x.device)
+        return x * (keep.to(x.dtype) * scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# -- Transformer encoder -----------------------------------------------------------------------
+
+_Q_CHUNK = 256  # query rows per attention chunk: bounds the [heads, chunk, N] temporaries
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) with dropout, @ v; memory O(heads N^2) bits instead of floats.
+
+    Forward works in chunks of query rows and keeps only the bool dropout mask and the row
+    log-sum-exp; backward recomputes each chunk's probabilities (one extra q k^T product).
+    Shapes: q, k, v [G, N, e] (G = batch x heads) -> [G, N, e].
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        G, N, e = q.shape
+        scale = e**-0.5
+        out = torch.empty_like(q)
+        lse = torch.empty(G, N, dtype=q.dtype, device=q.device)
+        keep, keep_scale = keep_mask((G, N, N), p, q.device) if p > 0 else (None, 1.0)
+        kt = k.transpose(1, 2)
+        for i in range(0, N, _Q_CHUNK):
+            j = min(i + _Q_CHUNK, N)
+            s = torch.bmm(q[:, i:j], kt).mul_(scale)  # [G, n, N]
+            lse[:, i:j] = torch.logsumexp(s, dim=-1)
+            prob = s.sub_(lse[:, i:j, None]).exp_()
+            if keep is not None:
+                prob.mul_(keep[:, i:j]).mul_(keep_scale)
+            torch.bmm(prob, v, out=out[:, i:j])
+        ctx.save_for_backward(q, k, v, lse, *(() if keep is None else (keep,)))
+        ctx.keep_scale = keep_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        q, k, v, lse, *rest = ctx.saved_tensors
+        keep = rest[0] if rest else None
+        G, N, e = q.shape
+        scale = e**-0.5
+        g = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        for i in range(0, N, _Q_CHUNK):
+            j = min(i + _Q_CHUNK, N)
+            prob = torch.bmm(q[:, i:j], kt).mul_(scale).sub_(lse[:, i:j, None]).exp_()
+            dprob = torch.bmm(g[:, i:j], vt)  # d(out)/d(dropped prob)
+            if keep is not None:
+                m = keep[:, i:j]
+                dv.baddbmm_((prob * m).mul_(ctx.keep_scale).transpose(1, 2), g[:, i:j])
+                dprob.mul_(m).mul_(ctx.keep_scale)
+            else:
+                dv.baddbmm_(prob.transpose(1, 2), g[:, i:j])
+            # softmax backward: ds = p * (dp - sum_j dp_j p_j)
+            ds = prob.mul_(dprob.sub_((dprob * prob).sum(dim=-1, keepdim=True)))
+            torch.bmm(ds, k, out=dq[:, i:j]).mul_(scale)
+            dk.baddbmm_(ds.transpose(1, 2), q[:, i:j], alpha=scale)
+        return dq, dk, dv, None
+
+
+def dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, training: bool) -> Tensor:
+    """Scaled dot-product attention with dropout ``p`` on the probabilities when training.
+
+    Args:
+        q, k, v: [B, H, N, e].
+
+    Returns:
+        [B, H, N, e]; outside training (or without gradients) this is
+        ``F.scaled_dot_product_attention``.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not training and not needs_grad:
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, N, e = q.shape
+    out = _DropoutAttention.apply(
+        q.reshape(B * H, N, e), k.reshape(B * H, N, e), v.reshape(B * H, N, e),
+        p if training else 0.0,
+    )
+    return out.view(B, H, N, e)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm encoder layer, ``nn.TransformerEncoderLayer(d, h, dim_feedforward=f,
+    dropout=p, activation='relu', batch_first=True)`` in parameters, names and eval outputs.
+
+    Training differs only in how dropout is drawn (:func:`keep_mask`) and in memory: the
+    attention keeps a bool mask instead of float probability matrices
+    (:func:`dropout_attention`).
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = Dropout(dropout)
+        self.p = dropout
+
+    def _self_attention(self, x: Tensor) -> Tensor:
+        """x: [B, N, d] -> [B, N, d]."""
+        sa = self.self_attn
+        q, k, v = rearrange(
+            F.linear(x, sa.in_proj_weight, sa.in_proj_bias),
+            "b n (three h e) -> three b h n e", three=3, h=sa.num_heads,
+        )
+        o = dropout_attention(q, k, v, self.p, self.training)
+        return F.linear(rearrange(o, "b h n e -> b n (h e)"), sa.out_proj.weight, sa.out_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, N, d] -> [B, N, d]."""
+        x = self.norm1(x + self.dropout(self._self_attention(x)))
+        ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout(ff))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of :class:`TransformerEncoderLayer` under ``layers.<i>`` (``nn.TransformerEncoder``
+    names). Like ``nn.TransformerEncoder``, every layer starts as a copy of the first."""
+
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, N, d] -> [B, N, d]."""
+        for layer in self.layers:
+            x = layer(x)
+        return x

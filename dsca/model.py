@@ -32,8 +32,11 @@ from dsca.layers import (
     AvgPoolEmbedding,
     CAPoolEmbedding,
     Conv1dEmbedding,
+    Dropout,
     GAPool,
     GAPoolEmbedding,
+    TransformerEncoder,
+    TransformerEncoderLayer,
 )
 
 __all__ = [
@@ -229,15 +232,10 @@ def sincos_position_embedding(coords: Tensor, dim: int, dtype: torch.dtype) -> T
 
 def _make_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.tra_backbone == "Transformer":
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.tra_nhead,
-            dim_feedforward=cfg.d_model,
-            dropout=cfg.dropout,
-            activation="relu",
-            batch_first=True,
+        layer = TransformerEncoderLayer(
+            cfg.d_model, cfg.tra_nhead, dim_feedforward=cfg.d_model, dropout=cfg.dropout
         )
-        return nn.TransformerEncoder(layer, cfg.tra_num_layers, enable_nested_tensor=False)
+        return TransformerEncoder(layer, cfg.tra_num_layers)
     return Nystromformer(
         dim=cfg.d_model, depth=cfg.tra_num_layers, heads=cfg.tra_nhead, attn_dropout=cfg.dropout
     )
@@ -264,7 +262,7 @@ def _make_head(cfg: ModelConfig) -> nn.Sequential:
         return nn.Sequential(
             nn.Linear(rep, enc),
             nn.ReLU(inplace=True),
-            nn.Dropout(cfg.dropout),
+            Dropout(cfg.dropout),
             nn.Linear(enc, enc // 2),
             nn.ReLU(inplace=True),
             nn.Linear(enc // 2, out),
@@ -272,7 +270,7 @@ def _make_head(cfg: ModelConfig) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(enc, enc // 2),
         nn.ReLU(inplace=True),
-        nn.Dropout(cfg.dropout),
+        Dropout(cfg.dropout),
         nn.Linear(enc // 2, out),
     )
 

@@ -126,7 +126,31 @@ def _to_inputs(sample: Any, device: torch.device, position_emb: bool) -> tuple[t
     return x20, x5, coords, torch.as_tensor(sample.label, dtype=torch.float32)
 
 
-def build_fold_data(cfg: TrainConfig, labels: pd.DataFrame, fold: int, split_path: Path) -> FoldData:
+class _CachedDataset(Dataset):
+    """Keeps samples in a dict shared across folds (the store is read once per patient)."""
+
+    def __init__(
+        self, base: Dataset, keys: list[tuple[str, tuple[float, ...]]],
+        cache: dict[tuple[str, tuple[float, ...]], Any],
+    ) -> None:
+        self.base = base
+        self.cache = cache
+        self.keys = keys  # (patient id, label): a rebinned fold must not reuse another's label
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        key = self.keys[i]
+        if key not in self.cache:
+            self.cache[key] = self.base[i]
+        return self.cache[key]
+
+
+def build_fold_data(
+    cfg: TrainConfig, labels: pd.DataFrame, fold: int, split_path: Path,
+    cache: dict[tuple[str, tuple[float, ...]], Any] | None = None,
+) -> FoldData:
     """Read a fold's split, check it against labels and store, and build its datasets."""
     from dsca.store import FeatureStore, PatientDataset
 
@@ -138,7 +162,12 @@ def build_fold_data(cfg: TrainConfig, labels: pd.DataFrame, fold: int, split_pat
         if not ids:
             continue
         mapping = patient_slides(fold_labels, ids, store_slides, store_name=str(cfg.store))
-        datasets[name] = PatientDataset(cfg.store, mapping, labels=fold_labels)
+        ds: Dataset = PatientDataset(cfg.store, mapping, labels=fold_labels)
+        if cache is not None:
+            lab = fold_labels.loc[list(mapping), ["t", "e", "y_t", "y_c"]].to_numpy(float)
+            keys = [(p, tuple(row)) for p, row in zip(mapping, lab)]
+            ds = _CachedDataset(ds, keys, cache)
+        datasets[name] = ds
     if "train" not in datasets or "val" not in datasets:
         raise ValueError(f"{split_path}: fold {fold} needs non-empty train and val patients")
     return FoldData(fold=fold, split=split, labels=fold_labels, datasets=datasets)
@@ -538,7 +567,8 @@ def train_cross_validation(
         labels = load_labels(cfg.labels, bins=cfg.bins)
         split_paths = resolve_split_paths(cfg.splits, folds)
         # Check every fold's inputs before spending hours on the first one.
-        fold_data = [build_fold_data(cfg, labels, k, p) for k, p in zip(folds, split_paths)]
+        cache: dict[tuple[str, tuple[float, ...]], Any] | None = {} if cfg.cache_features else None
+        fold_data = [build_fold_data(cfg, labels, k, p, cache) for k, p in zip(folds, split_paths)]
         results = []
         for data in fold_data:
             fold_dir = out / f"fold{data.fold}"

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from dsca.kernels.reference import fold_query, project_out
 
@@ -326,3 +327,19 @@ def capool_triton(
     pooled_rows, attn = attend_pool_triton(k_dir, x20)
     out = project_out(pooled_rows, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
     return out, attn
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counts for torch.utils.flop_counter (`dsca profile`): the same multiply-adds that the
+# PyTorch path's einsums are counted with, 2 FLOPs each.
+# --------------------------------------------------------------------------------------------
+@register_flop_formula(torch.ops.dsca.capool_attend_pool)
+def _attend_pool_flops(k_shape, x_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN003
+    M, H, C = k_shape
+    return 2 * 2 * M * H * _ROWS * C  # logits + pooling
+
+
+@register_flop_formula(torch.ops.dsca.capool_attend_pool_backward)
+def _attend_pool_bwd_flops(gr_shape, gp_shape, k_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN003
+    M, H, C = k_shape
+    return 4 * 2 * M * H * _ROWS * C  # dp, dk, and dx through the pool and the logits

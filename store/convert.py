@@ -14,10 +14,11 @@ import os
 import shutil
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 
 import numpy as np
@@ -237,8 +238,8 @@ def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
             "grid_collisions": collisions,
             "sources": sources,
         }
-        g.attrs.update(attrs)
-        g.attrs["complete"] = True  # last: the slide is only visible once all of it is on disk
+        # written last, in one metadata write: the slide only counts once all of it is on disk
+        g.attrs.update({**attrs, "complete": True})
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -328,6 +329,8 @@ def convert_cohort(
         c20_dir = find_coords_dir(Path(x20_coords)) if x20_coords is not None else None
     except ClamError as exc:
         raise ConvertError(str(exc)) from None
+    if c20_dir is None and f20.h5_dir is None:
+        log.warning("x20 alignment is not checked: give --x20-coords (or h5_files with coords)")
     c5 = {p.stem: p for p in sorted(c5_dir.glob("*.h5"))}
     c20 = {p.stem: p for p in sorted(c20_dir.glob("*.h5"))} if c20_dir else {}
 
@@ -393,12 +396,59 @@ def convert_cohort(
     return report
 
 
+def _worker(conn: Connection) -> None:
+    """Worker process: announce readiness, then convert slides until told to stop."""
+    conn.send(None)
+    while (task := conn.recv()) is not None:
+        conn.send(_convert_slide(task))
+
+
 def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, int]]:
+    """Convert `tasks` with `jobs` converters: this process plus jobs - 1 worker processes.
+
+    Workers pull one slide at a time once they are up, so their start-up (seconds: they import
+    torch) overlaps with this process converting; whatever no worker has claimed when this
+    process runs out of work, it does itself.
+    """
+    pending = deque(tasks)
     if jobs <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield _convert_slide(task)
+        while pending:
+            yield _convert_slide(pending.popleft())
         return
-    # spawn, not fork: zarr runs an event-loop thread that a forked child would not have
+    # spawn, not fork: zarr runs an event-loop thread and torch a thread pool, neither survives fork
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        yield from pool.map(_convert_slide, tasks, chunksize=1)
+    conns: dict[Connection, multiprocessing.process.BaseProcess] = {}
+    for _ in range(min(jobs, len(tasks)) - 1):
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(there,), daemon=True)
+        proc.start()
+        there.close()
+        conns[here] = proc
+    inflight: dict[Connection, _SlideTask] = {}
+    try:
+        while pending or inflight:
+            for conn in mp_wait(list(conns), timeout=0 if pending else 1.0):
+                task = inflight.pop(conn, None)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    conns.pop(conn).join(timeout=1)
+                    if task is not None:
+                        yield task.slide_id, "worker process died while converting this slide (out of memory?)", 0
+                    continue
+                if msg is not None:
+                    yield msg
+                if pending:
+                    inflight[conn] = pending.popleft()
+                    conn.send(inflight[conn])
+            if pending:
+                yield _convert_slide(pending.popleft())
+            elif inflight and not conns:
+                break
+    finally:
+        # no worker holds a slide now (or we are unwinding): stop them, including any still starting
+        for conn, proc in conns.items():
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+            conn.close()

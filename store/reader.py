@@ -20,6 +20,7 @@ from typing import Any
 
 import numcodecs
 import numpy as np
+import torch
 import zarr
 import zarr.codecs as zc
 
@@ -131,6 +132,15 @@ def _direct_layout(arr: zarr.Array, folder: Path) -> _Layout | None:
         return None
 
 
+def _cast_into(out: np.ndarray, block: np.ndarray) -> None:
+    """out[...] = block, converting dtype in the same pass."""
+    if out.dtype != block.dtype and out.dtype.kind == "f" and block.dtype.kind == "f":
+        # torch's half->float conversion is vectorised; numpy's is a scalar loop on many builds
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(block)))
+    else:
+        np.copyto(out, block, casting="unsafe")
+
+
 def _read_rows_direct(layout: _Layout, out: np.ndarray, chunks: Sequence[int] | None = None,
                       rows: np.ndarray | None = None) -> None:
     """Decode chunks of `layout` into `out`.
@@ -167,10 +177,10 @@ def _read_rows_direct(layout: _Layout, out: np.ndarray, chunks: Sequence[int] | 
                 block = np.frombuffer(payload, dtype=layout.dtype).reshape(layout.chunk_rows, *layout.shape[1:])
                 block = block[: hi - lo]
             if rows is None:
-                np.copyto(out[lo:hi], block, casting="unsafe")
+                _cast_into(out[lo:hi], block)
             else:
                 a, b = np.searchsorted(rows, [lo, hi])
-                np.copyto(out[a:b], block[rows[a:b] - lo], casting="unsafe")
+                _cast_into(out[a:b], block[rows[a:b] - lo])
 
         list(_pool().map(one, wanted))
     finally:

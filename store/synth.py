@@ -58,7 +58,8 @@ class SynthSpec:
         censoring: target fraction of censored patients.
         multi_slide: fraction of patients with 2-3 slides.
         motif_rows: rows (of 16) that carry the motif in a positive block.
-        decoy_rate: motif rate in non-tumour blocks (independent of risk).
+        decoy_rate: mean motif rate in non-tumour blocks (per patient uniform on
+            [0, 2 * decoy_rate], independent of risk).
         noise: feature noise standard deviation (prototypes have unit norm * 2).
         h5_files: also write CLAM's h5_files/ copies (features + coords).
         folds: number of cross-validation splits.
@@ -120,7 +121,7 @@ def _tissue_types(rng: np.random.Generator, cols: np.ndarray, rows: np.ndarray) 
     n_seeds = int(rng.integers(1, 4))
     seeds = rng.choice(n, size=min(n_seeds, n), replace=False)
     d = np.min(np.hypot(cols[:, None] - cols[seeds], rows[:, None] - rows[seeds]), axis=1)
-    radius = rng.uniform(1.5, 0.35 * np.sqrt(n) + 2.0)
+    radius = rng.uniform(2.0, 0.45 * np.sqrt(n) + 2.0)
     types = np.where(d <= radius, 0, np.where(d <= radius + 2.5, 1, 2))
     return types.astype(np.int64)
 
@@ -152,6 +153,8 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     """Write a deterministic synthetic cohort in CLAM's layout; see the module docstring."""
     if spec.patients < spec.folds:
         raise ValueError(f"need at least {spec.folds} patients for {spec.folds} folds, got {spec.patients}")
+    if spec.dim < 8:
+        raise ValueError(f"dim must be >= 8 (7 planted directions), got {spec.dim}")
     if not 1 <= spec.motif_rows <= BLOCK:
         raise ValueError(f"motif_rows must be in 1..{BLOCK}, got {spec.motif_rows}")
     rng = np.random.default_rng(spec.seed)
@@ -163,12 +166,14 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     (l2 / "patches").mkdir(parents=True, exist_ok=True)
 
     d = spec.dim
-    unit = rng.normal(size=(7, d))
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    proto_x5, proto_x20, motif = 2.0 * unit[:3], 2.0 * unit[3:6], 2.5 * unit[6]
+    # orthonormal directions, so that tissue texture never leaks into the motif read-out
+    unit = np.linalg.qr(rng.normal(size=(d, 7)))[0].T
+    proto_x5, proto_x20, motif = 2.0 * unit[:3], 2.0 * unit[3:6], 3.0 * unit[6]
 
     # per-patient tumour-motif rate drives risk; its spread is what the model must read
     rate = rng.beta(2.0, 3.0, size=spec.patients)
+    # the decoy rate also varies by patient, independently of risk: x20 alone averages both
+    decoy = rng.uniform(0.0, 2.0 * spec.decoy_rate, size=spec.patients).clip(0.0, 1.0)
     risk = spec.signal * (rate - rate.mean()) / (rate.std() + 1e-12)
     scale_days = 900.0
     t_event = scale_days * rng.weibull(1.3, size=spec.patients) * np.exp(-risk / 1.3)
@@ -195,7 +200,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
 
             x5 = proto_x5[types] + spec.noise * rng.normal(size=(n, d))
             x20 = proto_x20[types][:, None, :] + spec.noise * rng.normal(size=(n, BLOCK, d))
-            p_block = np.where(types == 0, rate[p], spec.decoy_rate)
+            p_block = np.where(types == 0, rate[p], decoy[p])
             positive = rng.uniform(size=n) < p_block
             for i in np.flatnonzero(positive):
                 x20[i, rng.choice(BLOCK, size=spec.motif_rows, replace=False)] += motif
@@ -221,7 +226,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
             process_rows.append({"slide_id": f"{sid}.svs", "process": 1, "status": "processed",
                                  "seg": 1, "patch": 1, "patch_level": _LEVEL, "patch_size": _PATCH})
             slide_ids.append(sid)
-        truth_rows.append({"patient_id": pid, "risk": risk[p], "motif_rate": rate[p],
+        truth_rows.append({"patient_id": pid, "risk": risk[p], "motif_rate": rate[p], "decoy_rate": decoy[p],
                            "tumour_blocks": tumour_blocks, "tumour_motif_blocks": motif_tumour,
                            "t_event": t_event[p], "t_censor": t_cens[p]})
 

@@ -38,11 +38,21 @@ class CAPoolInputs:
         return CAPoolInputs(*t, self.num_heads)
 
 
-def make_inputs(m: int, c: int, heads: int, seed: int = 0, scale: float = 1.0) -> CAPoolInputs:
+def default_device() -> str:
+    """CPU under the interpreter (the CI case); CUDA when run by benchmarks/gpu_check.sh."""
+    from dsca.kernels.triton_capool import INTERPRETED
+
+    return "cuda" if not INTERPRETED and torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(
+    m: int, c: int, heads: int, seed: int = 0, scale: float = 1.0, device: str | None = None
+) -> CAPoolInputs:
     """Inputs whose logits have a spread like a trained model's (softmax neither flat nor one-hot).
 
     Args:
-        m: blocks M; c: channels C; heads: H; scale: multiplies the weights' spread.
+        m: blocks M; c: channels C; heads: H; scale: multiplies the weights' spread;
+        device: defaults to :func:`default_device`.
     """
     g = torch.Generator().manual_seed(seed)
     w = (c**-0.5) * scale
@@ -54,4 +64,5 @@ def make_inputs(m: int, c: int, heads: int, seed: int = 0, scale: float = 1.0) -
         torch.randn(c, c, generator=g) * w,
         torch.randn(c, generator=g) * 0.1,
     ]
-    return CAPoolInputs(*[x.requires_grad_() for x in t], heads)
+    dev = device or default_device()
+    return CAPoolInputs(*[x.to(dev).requires_grad_() for x in t], heads)

@@ -20,13 +20,13 @@ from dsca.kernels import capool, capool_folded, capool_plain
 from dsca.kernels.reference import attend_pool_torch
 from dsca.kernels.triton_capool import INTERPRETED, attend_pool_triton, capool_triton
 
-from kernels_cases import CAPoolInputs, make_inputs
+from kernels_cases import CAPoolInputs, default_device, make_inputs
 
 pytestmark = pytest.mark.skipif(
     not INTERPRETED and not torch.cuda.is_available(),
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU",
 )
-DEVICE = "cpu" if INTERPRETED else "cuda"
+DEVICE = default_device()
 
 # (M, C, H): odd M, C not a multiple of the 32-wide C chunk (masked tail), a head count that is
 # not a power of two (padded head lanes), one block, head size 1.
@@ -66,7 +66,7 @@ def _compare(got, want, rel_val: float, rel_grad: float) -> None:
 def _mha_module_capool(inp: CAPoolInputs) -> tuple[Tensor, Tensor, list[Tensor]]:
     """nn.MultiheadAttention itself with the same weights; gradients of the module's params."""
     C = inp.query.shape[-1]
-    mha = nn.MultiheadAttention(C, inp.num_heads, batch_first=True)
+    mha = nn.MultiheadAttention(C, inp.num_heads, batch_first=True, device=inp.x20.device)
     with torch.no_grad():
         mha.in_proj_weight.copy_(inp.in_proj_weight)
         mha.in_proj_bias.copy_(inp.in_proj_bias)
@@ -77,8 +77,8 @@ def _mha_module_capool(inp: CAPoolInputs) -> tuple[Tensor, Tensor, list[Tensor]]
     out, attn = mha(query[:, None], x20, x20, need_weights=True, average_attn_weights=False)
     out, attn = out[:, 0], attn[:, :, 0]  # [M, C], [M, H, 16]
     g = torch.Generator().manual_seed(1)
-    loss = (out * torch.randn(out.shape, generator=g)).sum()
-    loss = loss + (attn * torch.randn(attn.shape, generator=g)).sum()
+    loss = (out * torch.randn(out.shape, generator=g).to(out)).sum()
+    loss = loss + (attn * torch.randn(attn.shape, generator=g).to(attn)).sum()
     params = [x20, query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
     return out, attn, list(torch.autograd.grad(loss, params))
 
@@ -133,7 +133,7 @@ def test_triton_non_contiguous_inputs() -> None:
     base = make_inputs(m, c, heads, seed=5)
     # x20 stored [C, 16, M] and viewed as [M, 16, C]; query a strided column slice
     x20 = base.x20.detach().permute(2, 1, 0).contiguous().permute(2, 1, 0).requires_grad_()
-    wide = torch.randn(m, 2 * c)
+    wide = torch.randn(m, 2 * c, device=DEVICE)
     wide[:, ::2] = base.query.detach()
     query = wide[:, ::2].requires_grad_()
     assert not x20.is_contiguous() and not query.is_contiguous()
@@ -159,10 +159,10 @@ def test_gradient_through_one_output_only() -> None:
 def test_core_kernel_gradients_against_float64() -> None:
     """attend-and-pool core alone: Triton fp32 backward vs autograd of the torch core in float64."""
     g = torch.Generator().manual_seed(2)
-    k = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
-    x = torch.randn(3, 16, 12, generator=g, dtype=torch.float64)
-    wr = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
-    wp = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    k, x, wr, wp = (
+        torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE)
+        for s in ((3, 5, 12), (3, 16, 12), (3, 5, 12), (3, 5, 16))
+    )
     results = []
     for fn, dtype in ((attend_pool_triton, torch.float32), (attend_pool_torch, torch.float64)):
         kk, xx = k.to(dtype).requires_grad_(), x.to(dtype).requires_grad_()
@@ -181,9 +181,11 @@ def test_empty_input() -> None:
 
 def test_dispatcher_routes_and_validates() -> None:
     inp = make_inputs(3, 32, 4)
-    out, attn = capool(*inp.args(), backend="auto")  # CPU tensors -> PyTorch path
-    ref_out, ref_attn = capool_folded(*inp.args())
+    out, attn = capool(*inp.args(), backend="auto")  # CPU -> PyTorch path, CUDA -> Triton
+    auto_impl = capool_folded if DEVICE == "cpu" else capool_triton
+    ref_out, ref_attn = auto_impl(*inp.args())
     assert torch.equal(out, ref_out) and torch.equal(attn, ref_attn)
+    ref_out, _ = capool_folded(*inp.args())
     out_t, _ = capool(*inp.args(), backend="triton")
     _assert_close(out_t, ref_out, 1e-5, "triton via dispatcher")
     with pytest.raises(ValueError, match="unknown CAPool backend"):
@@ -215,8 +217,8 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
 def test_torch_library_ops_pass_opcheck() -> None:
     """Schema, fake (meta) implementations and autograd registration are consistent."""
     g = torch.Generator().manual_seed(4)
-    k = torch.randn(3, 4, 20, generator=g)
-    x = torch.randn(3, 16, 20, generator=g)
+    k = torch.randn(3, 4, 20, generator=g).to(DEVICE)
+    x = torch.randn(3, 16, 20, generator=g).to(DEVICE)
     torch.library.opcheck(torch.ops.dsca.capool_attend_pool.default, (k, x))
     r, p = torch.ops.dsca.capool_attend_pool(k, x)
     gr = torch.randn_like(r)
@@ -235,14 +237,14 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 def test_autocast_runs_kernel_in_half_precision() -> None:
     inp = make_inputs(4, 32, 4, seed=8)
     a = inp.to(torch.float32)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         out, attn = capool_triton(*a.args())
         loss = out.float().square().sum() + attn.float().sum()
     assert attn.dtype == torch.float16
     grads = torch.autograd.grad(loss, a.tensors())
     assert all(gr.dtype == torch.float32 for gr in grads)  # leaves keep their dtype
     b = inp.to(torch.float32)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         out_ref, attn_ref = capool_folded(*b.args())
         loss_ref = out_ref.float().square().sum() + attn_ref.float().sum()
     grads_ref = torch.autograd.grad(loss_ref, b.tensors())

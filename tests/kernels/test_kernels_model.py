@@ -6,18 +6,24 @@ import torch
 
 from dsca import build_model
 from dsca.kernels.triton_capool import INTERPRETED
+from kernels_cases import default_device
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+pytestmark = pytest.mark.skipif(
+    not INTERPRETED and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (tests/conftest.py) or a GPU",
+)
+DEVICE = default_device()
 
 CFG = {"dims": "24-16-16-4", "tra_nhead": 2, "dropout": 0.0}
 
 
 def _train_one_step(backend: str, state: dict, batch: tuple) -> tuple[torch.Tensor, dict, dict]:
-    """Hazards, gradients and parameters after one Adam step from ``state``."""
-    model = build_model({**CFG, "capool_backend": backend})
+    """Hazards, gradients and parameters after one SGD step from ``state``."""
+    model = build_model({**CFG, "capool_backend": backend}).to(DEVICE)
     model.load_state_dict(state)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # SGD, not Adam: Adam would blow rounding noise in exactly-zero gradients up to full steps
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(123)  # same dropout masks for both backends
     hazards, attn = model(*batch, return_attention=True)
     # a survival-style loss on the hazards plus a term on the cross-attention map, so the
@@ -39,7 +45,7 @@ def test_model_step_with_triton_backend_matches_torch_backend() -> None:
     x5 = torch.randn(1, n, 24, generator=g)
     x20 = torch.randn(1, 16 * n, 24, generator=g)
     coords = torch.stack([torch.arange(n) % 3, torch.arange(n) // 3], dim=-1)[None]
-    batch = (x20, x5, coords)
+    batch = (x20.to(DEVICE), x5.to(DEVICE), coords.to(DEVICE))
 
     h_torch, g_torch, p_torch = _train_one_step("torch", state, batch)
     h_triton, g_triton, p_triton = _train_one_step("triton", state, batch)
@@ -49,9 +55,10 @@ def test_model_step_with_triton_backend_matches_torch_backend() -> None:
     capool_params = [k for k in g_torch if "cross_att_pool" in k]
     assert capool_params, "the model has no CAPool parameters: the test would prove nothing"
     for name in g_torch:
-        # floor: some gradients are zero in exact arithmetic (a bias before a softmax)
-        scale = g_torch[name].abs().max().clamp_min(1e-3)
+        # plus 1e-6 absolute: some gradients are zero in exact arithmetic (a bias before a
+        # softmax) and hold only rounding noise
+        scale = g_torch[name].abs().max()
         err = (g_triton[name] - g_torch[name]).abs().max()
-        assert err <= 1e-4 * scale, f"grad of {name}: {err:.3g} vs scale {scale:.3g}"
+        assert err <= 1e-4 * scale + 1e-6, f"grad of {name}: {err:.3g} vs scale {scale:.3g}"
     for name in p_torch:
         torch.testing.assert_close(p_triton[name], p_torch[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -106,7 +106,9 @@ def plain_pe(coords, dim):
     return torch.stack(out)
 
 
-def plain_encoder(sd, pre, cfg: ModelConfig, d_model: int) -> nn.Module:
+def plain_encoder(sd, pre, cfg: ModelConfig, d_model: int):
+    """torch's own encoder, run on the state dict's tensors (functional_call: gradients reach
+    them)."""
     if cfg.tra_backbone == "Transformer":
         layer = nn.TransformerEncoderLayer(
             d_model, cfg.tra_nhead, dim_feedforward=d_model, dropout=cfg.dropout,
@@ -117,11 +119,13 @@ def plain_encoder(sd, pre, cfg: ModelConfig, d_model: int) -> nn.Module:
     else:
         enc = Nystromformer(dim=d_model, depth=cfg.tra_num_layers, heads=cfg.tra_nhead,
                             attn_dropout=cfg.dropout)
-    enc.load_state_dict(_sub(sd, pre), strict=True)
-    return enc.eval()
+    params = _sub(sd, pre)
+    assert set(params) == set(enc.state_dict()), f"{pre}: names differ from torch's"
+    enc.eval()
+    return lambda x: torch.func.functional_call(enc, params, (x,))
 
 
-def plain_head(sd, cfg: ModelConfig, enc_dim: int) -> nn.Module:
+def plain_head(sd, cfg: ModelConfig, enc_dim: int):
     p = cfg.dropout
     if cfg.dims[3] != 1:
         rep = 2 * enc_dim if cfg.pool == "max_mean" else enc_dim
@@ -133,8 +137,10 @@ def plain_head(sd, cfg: ModelConfig, enc_dim: int) -> nn.Module:
     else:
         head = nn.Sequential(nn.Linear(enc_dim, enc_dim // 2), nn.ReLU(), nn.Dropout(p),
                              nn.Linear(enc_dim // 2, 1))
-    head.load_state_dict(_sub(sd, "out_layer."), strict=True)
-    return head.eval()
+    params = _sub(sd, "out_layer.")
+    assert set(params) == set(head.state_dict())
+    head.eval()
+    return lambda x: torch.func.functional_call(head, params, (x,))
 
 
 def plain_forward(cfg: ModelConfig, sd: dict[str, Tensor], x20, x5, coords, logits=True):

@@ -51,3 +51,23 @@ def test_naive_patch_size_offsets_are_named():
     shuffled = align_coords(low.coords, 256, low.downsample / 4)[::-1].copy()
     assert "not aligned" in check_alignment(low, shuffled)
     assert "rows" in check_alignment(low, naive[:-1])
+
+
+def test_cli_align_reproduces_the_cohort_level1_files(synth_cohort, tmp_path, capsys):
+    from dsca.cli.store_main import main
+
+    assert main(["-q", "align", "--coords", str(synth_cohort.x5_coords / "patches"), "--out", str(tmp_path)]) == 0
+    assert f"aligned {len(synth_cohort.slide_ids)} slides" in capsys.readouterr().out
+    for sid in synth_cohort.slide_ids[:3]:
+        ours = read_coords(tmp_path / "patches" / f"{sid}.h5")
+        theirs = read_coords(synth_cohort.x20_coords / "patches" / f"{sid}.h5")
+        np.testing.assert_array_equal(ours.coords, theirs.coords)
+
+
+def test_cli_align_reports_a_level_mismatch(synth_cohort, tmp_path, capsys):
+    from dsca.cli.store_main import main
+
+    # level-1 files cannot be aligned to level 1 again
+    assert main(["-q", "align", "--coords", str(synth_cohort.x20_coords), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == len(synth_cohort.slide_ids) and "patch_level is 1, cannot align to level 1" in err[0]

@@ -124,3 +124,26 @@ def test_cli_synth_convert_verify_info(tmp_path, capsys):
     assert main(["info", str(tmp_path / "s.zarr")]) == 0
     info = capsys.readouterr().out
     assert "6 patients" in info and "dim 16" in info and "float16" in info
+
+
+def test_jobs_share_work_between_processes(synth_cohort, tmp_path, monkeypatch, source_arrays):
+    import dsca.store.convert as convert
+
+    real = convert._convert_slide
+    in_main: list[str] = []
+
+    def slow_main(task):  # slows only this process, so that the spawned workers get slides
+        in_main.append(task.slide_id)
+        time.sleep(0.4)
+        return real(task)
+
+    monkeypatch.setattr(convert, "_convert_slide", slow_main)
+    out = tmp_path / "j.zarr"
+    report = _convert(synth_cohort, out, jobs=3)
+    assert report.ok and sorted(report.converted) == sorted(synth_cohort.slide_ids)
+    assert 0 < len(in_main) < len(synth_cohort.slide_ids)  # both kinds of converter worked
+    fs = FeatureStore.open(out)
+    by_worker = next(s for s in fs.slide_ids if s not in in_main)
+    x5, x20 = source_arrays(synth_cohort, by_worker)
+    np.testing.assert_array_equal(fs.read_slide(by_worker, dtype=np.float16).x20.reshape(-1, 32), x20.astype(np.float16))
+    assert verify_store(out, progress=False).ok

@@ -84,7 +84,7 @@ def test_invalid_spec_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def signal_cohort(tmp_path_factory):
-    spec = SynthSpec(patients=160, seed=5, dim=16, patches=40, signal=3.0, h5_files=False)
+    spec = SynthSpec(patients=160, seed=5, dim=16, patches=60, signal=3.0, h5_files=False)
     return write_synthetic_cohort(tmp_path_factory.mktemp("signal"), spec, progress=False)
 
 
@@ -99,7 +99,7 @@ def test_signal_needs_both_streams(signal_cohort):
         x5 = np.concatenate([torch.load(c.x5_features / "pt_files" / f"{s}.pt").numpy() for s in rows.pathology_id])
         x20 = np.concatenate([torch.load(c.x20_features / "pt_files" / f"{s}.pt").numpy() for s in rows.pathology_id])
         tumour = np.argmax(x5 @ pat["proto_x5"].T, axis=1) == 0  # nearest tissue prototype
-        hits = ((x20 @ motif).reshape(-1, 16) > 1.8).sum(axis=1) >= 2  # motif rows in the block
+        hits = ((x20 @ motif).reshape(-1, 16) > 2.0).sum(axis=1) >= 2  # motif rows in the block
         oracle[pid] = hits[tumour].mean() if tumour.any() else hits.mean()
         x5_only[pid] = tumour.mean()
         x20_only[pid] = hits.mean()
