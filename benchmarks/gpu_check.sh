@@ -8,7 +8,7 @@
 # (as on the project's GPU image, which has no network): dsca itself is installed with
 # --no-deps. DTYPES=bf16 (default) or "bf16 fp32" picks the benchmarked dtypes.
 # Writes under $OUT: env.txt, kernel_tests.txt/.xml, capool_bench.json, capool_bench.txt,
-# capool_table.md (also printed).
+# capool_table.md (also printed), capool_table.png, profile_{torch,triton}.txt/.json.
 set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -99,8 +99,44 @@ for group, by in rows.items():
 lines += ["", "## Goals (issue 4)", *(goals or ["- the M=4096 bf16 fwd+bwd case did not run"])]
 open(dst, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+
+# time vs M per implementation, one panel per (dtype, mode)
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+panels = sorted({g.rsplit("-M", 1)[0] for g in rows})
+fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+for ax, panel in zip(axes[0], panels):
+    for impl in ("plain", "folded", "compiled", "triton"):
+        pts = sorted(
+            (int(g.rsplit("-M", 1)[1]), by[impl]["stats"]["median"] * 1e3)
+            for g, by in rows.items() if g.startswith(panel + "-M") and impl in by
+        )
+        if pts:
+            ax.loglog(*zip(*pts), marker="o", label=impl)
+    ax.set_title(panel.removeprefix("cuda-"))
+    ax.set_xlabel("blocks M (C = 384)")
+    ax.set_ylabel("median ms")
+    ax.grid(True, which="both", alpha=0.3)
+axes[0][0].legend()
+fig.suptitle(f"CAPool on {gpu}")
+fig.tight_layout()
+fig.savefig(dst.replace(".md", ".png"), dpi=120)
 PYEOF
 [ $? -eq 0 ] || status=1
+
+# --- whole-model profile per CAPool backend (needs the model's dependency nystrom-attention) ----
+if "$PY" -c 'import nystrom_attention' 2>/dev/null; then
+  for backend in torch triton; do
+    TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main profile --n-patches 4096 --device cuda \
+      --backend "$backend" --json "$OUT/profile_$backend.json" 2>&1 | tee "$OUT/profile_$backend.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+else
+  echo "gpu_check: nystrom_attention is not installed: dsca profile skipped (carry its wheel)"
+fi
 
 echo "gpu_check: results in $OUT (exit $status)"
 exit $status

@@ -6,10 +6,9 @@ state dicts load with ``strict=True``, while the forward passes are written for 
 
 * the high-res (x20) rows stay channel-last ([M, 16, C]) end to end: no square/sequence
   permutes around the 2-D convolution;
-* the 3x3 convolution inside each 4x4 block is computed as one GEMM per (tap, output position)
-  over the taps that hit real rows: 100 of the 144 tap-positions of a block, so 31% fewer
-  multiply-adds than ``nn.Conv2d`` with zero padding, and no im2col/padding copies (the GEMMs
-  read strided rows of the input directly);
+* the 3x3 convolution inside each 4x4 block is computed as per-tap GEMMs over the taps that
+  hit real rows: 100 of the 144 tap-positions of a block, so 31% fewer multiply-adds than
+  ``nn.Conv2d`` with zero padding, and no im2col/padding buffers;
 * cross-attention pooling goes through :func:`dsca.kernels.capool` (projection folding: K and V
   of the 16 rows are never formed).
 
@@ -49,77 +48,93 @@ SCALE = 4  # each low-res patch owns a SCALE x SCALE block of high-res patches
 BLOCK = SCALE * SCALE
 
 
-def _tap_plan(ksize: int) -> list[tuple[int, int, int, int, int]]:
-    """(output position, input position, tap row, tap col, tap index) for every real tap-position.
+def _band_plan() -> list[tuple[int, int, int, int, int]]:
+    """GEMMs of the 3x3 block conv in position-major layout, real taps only.
 
-    Zero-padding taps (input outside the 4x4 block) are left out: that is the work saved.
+    Positions q = 4 r + c of the 4x4 grid. For tap (kr, kc) = offset (dr, dc), output
+    position (r, c) reads input (r + dr, c + dc) when that lies inside the block. In the
+    position-major layout [16, M, D] a run of consecutive positions is one contiguous [n M, D]
+    matrix, so each tap needs one GEMM if dc = 0 (whole rows) and one per output row otherwise.
+
+    Returns:
+        (kr, kc, first output position, first input position, number of positions) per GEMM,
+        the centre tap (which covers all 16 positions) excluded.
     """
-    half = ksize // 2
     plan = []
-    for r in range(SCALE):
-        for c in range(SCALE):
-            for kr in range(ksize):
-                for kc in range(ksize):
-                    rr, cc = r + kr - half, c + kc - half
-                    if 0 <= rr < SCALE and 0 <= cc < SCALE:
-                        plan.append((SCALE * r + c, SCALE * rr + cc, kr, kc, kr * ksize + kc))
+    for kr in range(3):
+        dr = kr - 1
+        rows = [r for r in range(SCALE) if 0 <= r + dr < SCALE]
+        for kc in range(3):
+            dc = kc - 1
+            if dr == 0 and dc == 0:
+                continue
+            if dc == 0:
+                plan.append((kr, kc, SCALE * rows[0], SCALE * (rows[0] + dr), SCALE * len(rows)))
+                continue
+            cols = [c for c in range(SCALE) if 0 <= c + dc < SCALE]
+            for r in rows:
+                p0 = SCALE * r + cols[0]
+                plan.append((kr, kc, p0, p0 + SCALE * dr + dc, len(cols)))
     return plan
 
 
-_PLAN3 = [p for p in _tap_plan(3) if p[4] != 4]  # centre tap (index 4) is done as one big GEMM
+_PLAN = _band_plan()  # 22 GEMMs; with the centre tap 100 of the 144 tap-positions of a block
 
 
 class _BlockConv3x3(torch.autograd.Function):
-    """3x3 'same' convolution inside each 4x4 block, channel-last, one GEMM per tap-position.
+    """3x3 'same' convolution inside each 4x4 block: one GEMM per tap and run of positions.
 
-    Each GEMM reads rows ``x[:, q, :]`` ([M, D], leading dimension 16 D) and accumulates into
-    ``out[:, p, :]`` ([M, C], leading dimension 16 C) in place, so nothing is gathered or copied.
+    The rows are copied once into position-major order ([16, M, D]); every tap then multiplies
+    contiguous [n M, D] slices, accumulating in place into the matching output slice. 23 large
+    GEMMs per pass: few parallel regions, which keeps two threads busy even on a loaded machine.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         M, _, D = x.shape
         C = weight.shape[0]
-        taps = rearrange(weight, "co ci kr kc -> (kr kc) co ci").contiguous()  # [9, C, D]
-        x2 = x.reshape(M * BLOCK, D)
-        # centre tap covers all 16 positions: one GEMM that also initialises out (+ bias)
+        taps = rearrange(weight, "co ci kr kc -> kr kc ci co").contiguous()  # [3, 3, D, C]
+        xp = rearrange(x, "m p d -> (p m) d").contiguous()  # position-major [16 M, D]
         if bias is not None:
-            out = torch.addmm(bias, x2, taps[4].t())
+            out = torch.addmm(bias, xp, taps[1, 1])  # centre tap: all 16 positions
         else:
-            out = x2 @ taps[4].t()
-        out = out.view(M, BLOCK, C)
-        for p, q, _, _, t in _PLAN3:
-            out[:, p, :].addmm_(x[:, q, :], taps[t].t())
-        # the tap-major copy of the weight is cheap to redo: keep only the weight itself
+            out = xp @ taps[1, 1]
+        for kr, kc, po, pi, n in _PLAN:
+            out[po * M:(po + n) * M].addmm_(xp[pi * M:(pi + n) * M], taps[kr, kc])
+        # x is the caller's; the position-major copy is redone in backward (cheaper than
+        # holding another [16 M, D] for the whole step)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return out
+        return rearrange(out, "(p m) c -> m p c", p=BLOCK).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        taps = rearrange(weight, "co ci kr kc -> (kr kc) co ci").contiguous()  # [9, C, D]
         M, _, D = x.shape
-        C = taps.shape[1]
-        g = grad_out.contiguous()
+        gp = rearrange(grad_out, "m p c -> (p m) c").contiguous()  # [16 M, C]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g.reshape(M * BLOCK, C) @ taps[4]).view(M, BLOCK, D)
-            for p, q, _, _, t in _PLAN3:
-                grad_x[:, q, :].addmm_(g[:, p, :], taps[t])
         if ctx.needs_input_grad[1]:
-            gtaps = torch.empty_like(taps)
-            torch.mm(g.reshape(M * BLOCK, C).t(), x.reshape(M * BLOCK, D), out=gtaps[4])
-            seen: set[int] = set()
-            for p, q, _, _, t in _PLAN3:
-                if t in seen:
-                    gtaps[t].addmm_(g[:, p, :].t(), x[:, q, :])
+            xp = rearrange(x, "m p d -> (p m) d").contiguous()
+            gtaps = torch.empty(3, 3, D, weight.shape[0], dtype=x.dtype, device=x.device)
+            torch.mm(xp.t(), gp, out=gtaps[1, 1])
+            seen: set[tuple[int, int]] = set()
+            for kr, kc, po, pi, n in _PLAN:
+                a, b = xp[pi * M:(pi + n) * M].t(), gp[po * M:(po + n) * M]
+                if (kr, kc) in seen:
+                    gtaps[kr, kc].addmm_(a, b)
                 else:
-                    torch.mm(g[:, p, :].t(), x[:, q, :], out=gtaps[t])
-                    seen.add(t)
-            grad_w = rearrange(gtaps, "(kr kc) co ci -> co ci kr kc", kr=3)
+                    torch.mm(a, b, out=gtaps[kr, kc])
+                    seen.add((kr, kc))
+            del xp
+            grad_w = rearrange(gtaps, "kr kc ci co -> co ci kr kc")
+        if ctx.needs_input_grad[0]:
+            taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
+            gx = gp @ taps[1, 1]
+            for kr, kc, po, pi, n in _PLAN:
+                gx[pi * M:(pi + n) * M].addmm_(gp[po * M:(po + n) * M], taps[kr, kc])
+            grad_x = rearrange(gx, "(p m) d -> m p d", p=BLOCK)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=(0, 1))
+            grad_b = gp.sum(dim=0)
         return grad_x, grad_w, grad_b
 
 

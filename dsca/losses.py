@@ -10,6 +10,7 @@ for Cox it is the log hazard itself.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -86,7 +87,7 @@ def discrete_nll(
 def cox_nll(
     log_hazard: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str = "efron"
 ) -> torch.Tensor:
-    """Negative Cox partial log-likelihood, mean over patients (torchsurv).
+    """Negative Cox partial log-likelihood (torchsurv) divided by the number of patients.
 
     Args:
         log_hazard: [B] or [B, 1] log relative hazards.
@@ -104,9 +105,14 @@ def cox_nll(
     if not bool(event.any()):
         # No event: the partial likelihood is constant; keep the graph so callers can backward.
         return log_hazard.sum() * 0.0
-    return neg_partial_log_likelihood(
-        log_hazard.float(), event, time.reshape(-1).float(), ties_method=ties, reduction="mean"
-    )
+    # Sum over events divided by the number of patients, as the reference's loss; torchsurv's
+    # own "mean" divides by the number of distinct event times instead.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Ties in `time` detected")  # expected, per step
+        total = neg_partial_log_likelihood(
+            log_hazard.float(), event, time.reshape(-1).float(), ties_method=ties, reduction="sum"
+        )
+    return total / len(log_hazard)
 
 
 def l1_penalty(params: Iterable[torch.Tensor], coef: float) -> torch.Tensor | float:

@@ -14,7 +14,7 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +115,7 @@ class _Probe:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _pre(self, name: str):  # noqa: ANN202
+    def _pre(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             self._active.append(name)
             if self.cuda:
@@ -125,7 +125,7 @@ class _Probe:
 
         return hook
 
-    def _post(self, name: str):  # noqa: ANN202
+    def _post(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self.fwd[name] += self.now() - self._fwd_start[name]
             if self.cuda:
@@ -135,7 +135,7 @@ class _Probe:
 
         return hook
 
-    def _event(self, kind: str, name: str):  # noqa: ANN202
+    def _event(self, kind: str, name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
             self._record(kind, name)
 
@@ -209,7 +209,9 @@ class _FlopSlicer(TorchDispatchMode):
         super().__init__()
         self.probe = probe
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)

@@ -145,7 +145,7 @@ def _stratified_take(strata: pd.Series, fraction: float, rng: np.random.Generato
     pos = pd.Series(np.arange(len(strata)), index=strata.index)
     carry = 0.0
     for _, ids in sorted(strata.groupby(strata).groups.items()):
-        idx = pos[list(ids)].to_numpy()
+        idx = pos[list(ids)].to_numpy().copy()
         rng.shuffle(idx)
         # Carry the rounding remainder so that the total matches fraction * n.
         want = fraction * len(idx) + carry

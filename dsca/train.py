@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,6 @@ class _EarlyStop:
     @property
     def stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
-
-
-@dataclass
-class _History:
-    rows: list[dict[str, float]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,11 +20,14 @@ Half-precision inputs are accumulated in fp32; p is kept in fp32 for the backwar
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 from torch.utils.flop_counter import register_flop_formula
 
 from dsca.kernels.reference import fold_query, project_out
@@ -58,8 +61,9 @@ def _configs() -> list[triton.Config]:
 
 
 def _m_bucket(m: int) -> int:
-    """Autotune key for M: its power-of-two bucket, so slides of varied sizes reuse a tuning."""
-    return max(m, 1).bit_length()
+    """Autotune key for M: its power-of-two bucket, so slides of varied sizes reuse a tuning
+    (keying on M itself would re-tune for every slide). ``int`` specializes a symbolic M."""
+    return max(int(m), 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,11 +182,14 @@ _capool_bwd = triton.autotune(configs=_configs(), key=["C", "M_BUCKET"])(_capool
 # --------------------------------------------------------------------------------------------
 # Launchers. ``wrap`` is torch.library.wrap_triton under triton_op (CUDA), identity otherwise.
 # --------------------------------------------------------------------------------------------
-def _identity(kernel):  # noqa: ANN001, ANN202 - a kernel handle, typed by Triton
+_Wrap = Callable[[Any], Any]  # kernel -> launchable kernel
+
+
+def _identity(kernel: Any) -> Any:
     return kernel
 
 
-def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap=_identity) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap: _Wrap = _identity) -> tuple[Tensor, Tensor]:
     """r [M,H,C] (input dtype) and p [M,H,16] (fp32) from k_dir [M,H,C] and x20 [M,16,C]."""
     M, H, C = k_dir.shape
     r = torch.empty((M, H, C), dtype=k_dir.dtype, device=k_dir.device)
@@ -199,7 +206,12 @@ def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap=_identity) -> tuple[Tensor, Ten
 
 
 def _launch_bwd(
-    grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor, wrap=_identity  # noqa: ANN001
+    grad_r: Tensor,
+    grad_p: Tensor | None,
+    k_dir: Tensor,
+    x20: Tensor,
+    p: Tensor,
+    wrap: _Wrap = _identity,
 ) -> tuple[Tensor, Tensor]:
     """dk [M,H,C] and dx [M,16,C] (dtypes of k_dir and x20); p is the forward's fp32 output."""
     M, H, C = k_dir.shape
@@ -271,14 +283,16 @@ class _AttendPool(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(ctx: FunctionCtx, k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
         r, p = torch.ops.dsca.capool_attend_pool(k_dir, x20)
         ctx.save_for_backward(k_dir, x20, p)
         return r, p
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_r: Tensor | None, grad_p: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def backward(
+        ctx: FunctionCtx, grad_r: Tensor | None, grad_p: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         k_dir, x20, p = ctx.saved_tensors
         if grad_r is None:  # only the attention map was used
             grad_r = torch.zeros_like(k_dir)
@@ -334,12 +348,14 @@ def capool_triton(
 # PyTorch path's einsums are counted with, 2 FLOPs each.
 # --------------------------------------------------------------------------------------------
 @register_flop_formula(torch.ops.dsca.capool_attend_pool)
-def _attend_pool_flops(k_shape, x_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN003
+def _attend_pool_flops(k_shape: torch.Size, x_shape: torch.Size, *_: Any, **__: Any) -> int:
     M, H, C = k_shape
     return 2 * 2 * M * H * _ROWS * C  # logits + pooling
 
 
 @register_flop_formula(torch.ops.dsca.capool_attend_pool_backward)
-def _attend_pool_bwd_flops(gr_shape, gp_shape, k_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN003
+def _attend_pool_bwd_flops(
+    gr_shape: torch.Size, gp_shape: torch.Size | None, k_shape: torch.Size, *_: Any, **__: Any
+) -> int:
     M, H, C = k_shape
     return 4 * 2 * M * H * _ROWS * C  # dp, dk, and dx through the pool and the logits

@@ -7,6 +7,7 @@ killed at any point leaves no slide that claims to be complete and is not.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import multiprocessing
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
+import zarr.api.asynchronous as zarr_async
 from tqdm import tqdm
+from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own IO loop
 
 import dsca
 from dsca.store._layout import (
@@ -185,26 +188,39 @@ def _grid(low: CoordsFile) -> tuple[np.ndarray, np.ndarray, int]:
     return grid, index, collisions
 
 
-_ROOTS: dict[str, zarr.Group] = {}
-
-
-def _slides_group(out: str) -> zarr.Group:
-    # one handle per process: opening a group costs several metadata reads
-    if out not in _ROOTS:
-        _ROOTS[out] = zarr.open_group(out, mode="r+", use_consolidated=False)[SLIDES]
-    return _ROOTS[out]
-
-
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, codec: str) -> None:
+def _array_spec(data: np.ndarray, codec: str) -> dict:
+    """create_array keywords for one slide array: ~CHUNK_BYTES inner chunks in one shard."""
     rows = rows_per_chunk(int(np.prod(data.shape[1:])) * data.dtype.itemsize)
     rows = min(rows, data.shape[0])
-    chunks = (rows, *data.shape[1:])
-    # one shard spanning the array: a slide array is one file
-    shards = (-(-data.shape[0] // rows) * rows, *data.shape[1:])
-    compressors = codec_chain(codec) if data.dtype.kind == "f" else codec_chain("none")
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                             compressors=compressors, fill_value=0)
-    arr[...] = data
+    # equal chunks: inner chunks are stored full-size, so a ragged last chunk would be padding
+    n_chunks = -(-data.shape[0] // rows)
+    rows = -(-data.shape[0] // n_chunks)
+    return {
+        "shape": data.shape,
+        "dtype": data.dtype,
+        "chunks": (rows, *data.shape[1:]),
+        # one shard spanning the array: a slide array is one file
+        "shards": (n_chunks * rows, *data.shape[1:]),
+        "compressors": codec_chain(codec) if data.dtype.kind == "f" else codec_chain("none"),
+        "fill_value": 0,
+    }
+
+
+async def _write_group(out: str, slide_id: str, arrays: dict[str, tuple[np.ndarray, str]], attrs: dict) -> None:
+    """Write a slide's group: all arrays concurrently, each in one go, then the attrs.
+
+    One event-loop round trip per slide instead of ~20 (every sync zarr call is one).
+    """
+    slides = await zarr_async.open_group(f"{out}/{SLIDES}", mode="r+", use_consolidated=False)
+    group = await slides.create_group(slide_id, attributes={"complete": False})
+
+    async def one(name: str, data: np.ndarray, codec: str) -> None:
+        arr = await group.create_array(name, **_array_spec(data, codec))
+        await arr.setitem(Ellipsis, data)
+
+    await asyncio.gather(*(one(name, data, codec) for name, (data, codec) in arrays.items()))
+    # written last, in one metadata write: the slide only counts once all of it is on disk
+    await group.update_attributes({**attrs, "complete": True})
 
 
 def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
@@ -217,29 +233,28 @@ def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
         return task.slide_id, "out of memory while reading the slide", 0
     dtype = DTYPES[task.dtype]
     grid, grid_index, collisions = _grid(low)
-    slides = _slides_group(task.out)
     folder = Path(task.out) / SLIDES / task.slide_id
     if folder.exists():
         shutil.rmtree(folder)
+    arrays = {
+        "x5": (x5.astype(dtype, copy=False), task.codec),
+        "x20": (x20.reshape(-1, BLOCK, x20.shape[1]).astype(dtype, copy=False), task.codec),
+        "coords": (low.coords.astype(np.int64), "none"),
+        "grid": (grid, "none"),
+        "grid_index": (grid_index, "none"),
+    }
+    attrs = {
+        "patient_id": task.patient_id,
+        "n_patches": int(low.coords.shape[0]),
+        "patch_size": low.patch_size,
+        "patch_level": low.patch_level,
+        "downsample": low.downsample.tolist(),
+        "step": low.step.tolist(),
+        "grid_collisions": collisions,
+        "sources": sources,
+    }
     try:
-        g = slides.create_group(task.slide_id, attributes={"complete": False})
-        _write_array(g, "x5", x5.astype(dtype, copy=False), task.codec)
-        _write_array(g, "x20", x20.reshape(-1, BLOCK, x20.shape[1]).astype(dtype, copy=False), task.codec)
-        _write_array(g, "coords", low.coords.astype(np.int64), "none")
-        _write_array(g, "grid", grid, "none")
-        _write_array(g, "grid_index", grid_index, "none")
-        attrs = {
-            "patient_id": task.patient_id,
-            "n_patches": int(low.coords.shape[0]),
-            "patch_size": low.patch_size,
-            "patch_level": low.patch_level,
-            "downsample": low.downsample.tolist(),
-            "step": low.step.tolist(),
-            "grid_collisions": collisions,
-            "sources": sources,
-        }
-        # written last, in one metadata write: the slide only counts once all of it is on disk
-        g.attrs.update({**attrs, "complete": True})
+        zarr_sync(_write_group(task.out, task.slide_id, arrays, attrs))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -166,12 +166,14 @@ def _read_rows_direct(layout: _Layout, out: np.ndarray, chunks: Sequence[int] | 
             if offset == 2**64 - 1:  # chunk never written: fill value
                 block = np.zeros((hi - lo, *layout.shape[1:]), dtype=layout.dtype)
             else:
-                raw = os.pread(fd, nbytes, offset)
-                if len(raw) != nbytes:
+                # writable buffers all the way: torch refuses to wrap read-only memory
+                raw = bytearray(nbytes)
+                if os.preadv(fd, [raw], offset) != nbytes:
                     raise StoreError(f"{layout.path}: truncated shard (chunk {k})")
-                payload = memoryview(raw)[:-4]
+                payload: Any = memoryview(raw)[:-4]
                 if layout.decoder is not None:
-                    payload = layout.decoder.decode(payload)
+                    decoded = bytearray(chunk_bytes)
+                    payload = layout.decoder.decode(payload, out=decoded)
                 if len(payload) != chunk_bytes:
                     raise StoreError(f"{layout.path}: chunk {k} decodes to {len(payload)} bytes, expected {chunk_bytes}")
                 block = np.frombuffer(payload, dtype=layout.dtype).reshape(layout.chunk_rows, *layout.shape[1:])

@@ -17,6 +17,7 @@ Layout written under `out_dir` (names as the reference's tutorial uses them)::
     synth_path_full.csv                                           pathology_id,patient_id,e,t
     splits/synth-seed<S>-fold<k>.npz                              train/val/test patients
     truth.csv, patterns.npz                                       hidden risk, planted vectors
+    preview.png                                                   tissue maps of the first slides
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ _PATCH = 256
 _LEVEL = 2
 # Real SVS pyramids have slightly non-integer, per-axis downsamples.
 _DOWNSAMPLE = (16.001219, 16.000924)
+_PREVIEWS = 4  # slides drawn in preview.png
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     event = (t_event <= t_cens).astype(np.int64)
 
     label_rows, truth_rows, process_rows, slide_ids = [], [], [], []
+    previews: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     step = (_PATCH * np.asarray(_DOWNSAMPLE)).astype(np.int64)  # CLAM's level-0 grid step
     for p in tqdm(range(spec.patients), desc="synth", unit="patient", disable=not progress):
         pid = f"SYN-{p:04d}"
@@ -204,6 +207,8 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
             positive = rng.uniform(size=n) < p_block
             for i in np.flatnonzero(positive):
                 x20[i, rng.choice(BLOCK, size=spec.motif_rows, replace=False)] += motif
+            if len(previews) < _PREVIEWS:
+                previews.append((sid, coords // step, types, positive))
             tumour_blocks += int(np.sum(types == 0))
             motif_tumour += int(np.sum(positive & (types == 0)))
 
@@ -248,9 +253,36 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     # the planted pattern itself, for oracle checks of the signal
     np.savez(root / "patterns.npz", proto_x5=proto_x5, proto_x20=proto_x20, motif=motif,
              tissues=np.asarray(TISSUES))
+    _plot_previews(root / "preview.png", previews)
     splits = _write_splits(root / "splits", [r["patient_id"] for r in truth_rows], event, spec)
     (root / "synth_spec.json").write_text(pd.Series(asdict(spec)).to_json(indent=1))
     return SynthCohort(root, l2, l1, f2, f1, labels_csv, splits, truth_csv, spec, slide_ids)
+
+
+def _plot_previews(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Tissue maps of the first slides: tissue type per x5 patch, motif blocks outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#c0392b", "#f5b7b1", "#d7bde2"])  # tumour, stroma, other (H&E-ish)
+    fig, axes = plt.subplots(1, len(previews), figsize=(3.2 * len(previews), 3.4), squeeze=False)
+    for ax, (sid, grid, types, positive) in zip(axes[0], previews):
+        g = grid - grid.min(axis=0)
+        canvas = np.full((g[:, 1].max() + 1, g[:, 0].max() + 1), np.nan)
+        canvas[g[:, 1], g[:, 0]] = types
+        ax.imshow(canvas, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+        ax.scatter(g[positive, 0], g[positive, 1], s=6, c="k", marker="s", label="motif block")
+        ax.set_title(sid, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(loc="lower left", fontsize=6)
+    fig.suptitle("synthetic slides: tumour (red), stroma (pink), other (lilac); black = x20 motif", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _write_splits(folder: Path, patients: list[str], event: np.ndarray, spec: SynthSpec) -> list[Path]:

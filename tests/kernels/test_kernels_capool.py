@@ -251,3 +251,28 @@ def test_autocast_runs_kernel_in_half_precision() -> None:
     _assert_close(out, out_ref, 1e-2, "autocast pooled")
     for name, g1, g2 in zip(_NAMES, grads, grads_ref):
         _assert_close(g1, g2, 3e-2, f"autocast d/d{name}")
+
+
+def test_gpu_triton_op_registration_traces_with_fake_cuda_tensors() -> None:
+    """Without the interpreter the ops are torch.library.triton_ops (the route torch.compile
+    uses on GPUs); their implementations trace on fake CUDA tensors on a machine with no GPU."""
+    code = (
+        "import torch\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "import dsca.kernels.triton_capool as tc\n"
+        "assert not tc.INTERPRETED\n"
+        "with FakeTensorMode():\n"
+        "    k = torch.empty(5, 4, 40, device='cuda', dtype=torch.bfloat16)\n"
+        "    x = torch.empty(5, 16, 40, device='cuda', dtype=torch.bfloat16)\n"
+        "    r, p = torch.ops.dsca.capool_attend_pool(k, x)\n"
+        "    dk, dx = torch.ops.dsca.capool_attend_pool_backward(r, p, k, x, p)\n"
+        "    print(tuple(r.shape), r.dtype, r.device.type, tuple(p.shape), p.dtype,\n"
+        "          tuple(dk.shape), dk.dtype, tuple(dx.shape), dx.dtype)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [
+        "(5,", "4,", "40)", "torch.bfloat16", "cuda", "(5,", "4,", "16)", "torch.float32",
+        "(5,", "4,", "40)", "torch.bfloat16", "(5,", "16,", "40)", "torch.bfloat16",
+    ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsca import build_model
-from dsca.kernels.triton_capool import INTERPRETED
-from kernels_cases import default_device
+pytest.importorskip("nystrom_attention")  # the model's dependency (absent on bare GPU images)
+
+from dsca import build_model  # noqa: E402
+from dsca.kernels.triton_capool import INTERPRETED  # noqa: E402
+from kernels_cases import default_device  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not INTERPRETED and not torch.cuda.is_available(),

@@ -30,6 +30,7 @@ def test_layout_looks_like_clam(synth_cohort):
     assert ds.shape == (2,) and np.all(ds != np.round(ds)) and ds[0] != ds[1] and abs(ds[0] - 16) < 0.01
     assert attrs["name"] == sid and len(attrs["level_dim"]) == 2
     assert (synth_cohort.x5_coords / "process_list_autogen.csv").is_file()
+    assert (synth_cohort.root / "preview.png").stat().st_size > 10_000
     assert (synth_cohort.x20_coords / "patches" / f"{sid}.h5").is_file()
     for feats, rows in ((synth_cohort.x5_features, len(coords)), (synth_cohort.x20_features, 16 * len(coords))):
         x = torch.load(feats / "pt_files" / f"{sid}.pt", weights_only=True)

@@ -1,0 +1,73 @@
+"""`dsca profile`: per-module time, memory and FLOPs of one forward+backward of the model."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HELP = "per-module time, memory, FLOPs and FLOP/s of one forward+backward pass of the model"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-patches", type=int, default=1000, metavar="N",
+                        help="low-res patches of the synthetic patient (16N high-res rows; default 1000)")
+    parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                        help="CAPool implementation (default auto: Triton on CUDA, PyTorch on CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dims", default=None, metavar="D-C-H-B",
+                        help="input-embedding-hidden-bins, e.g. 1024-384-384-4 (the reference default)")
+    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
+                        help="take the model keys of this reference-style config (others are ignored)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the report as JSON")
+
+
+def _model_cfg(args: argparse.Namespace) -> dict[str, Any]:
+    """Model keys: reference defaults, then --config's model keys, then --dims/--backend."""
+    import yaml
+
+    from dsca.model import ModelConfig
+
+    cfg: dict[str, Any] = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ValueError(f"{args.config}: config file not found")
+        try:
+            raw = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{args.config}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config}: expected a mapping of keys")
+        cfg = {k: v for k, v in raw.items() if k in ModelConfig.yaml_keys()}
+    if args.dims is not None:
+        cfg["dims"] = args.dims
+    cfg["capool_backend"] = args.backend
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsca.profile import format_table, profile_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        report = profile_model(_model_cfg(args), args.n_patches, device, args.repeats, args.seed)
+    except (ValueError, RuntimeError) as err:
+        print(f"dsca profile: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json is not None:
+        payload = asdict(report)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1))
+        log.info("wrote %s", args.json)
+    return 0

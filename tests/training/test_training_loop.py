@@ -1,0 +1,151 @@
+"""Training loop: gradient accumulation, outputs, reproducibility, resume, CLI (dsca.train)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from dsca import build_model
+from dsca.cli.dsca_main import main
+from dsca.config import load_config, parse_config
+from dsca.losses import cox_nll, discrete_nll, l1_penalty
+from dsca.train import accumulate_group, train_cross_validation
+
+
+def _patients(n, seed=0, d=32):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        blocks = 3 + i % 4
+        x20 = torch.randn(1, 16 * blocks, d, generator=g)
+        x5 = torch.randn(1, blocks, d, generator=g)
+        coords = torch.stack([torch.arange(blocks), torch.zeros(blocks, dtype=torch.long)], 1)[None]
+        label = torch.tensor([10.0 * (i + 1), float(i % 3 != 0), float(i % 4), float(i % 3 == 0)])
+        out.append((x20, x5, coords, label))
+    return out
+
+
+@pytest.mark.parametrize("loss", ["survmle", "survple"])
+def test_per_patient_backward_equals_group_loss(loss):
+    """Backward per patient (scaled) gives the gradients of the group's loss computed at once."""
+    dims = "32-16-16-1" if loss == "survple" else "32-16-16-4"
+    cfg = parse_config({"store": "x", "labels": "y", "splits": "z{}", "dims": dims, "tra_nhead": 2,
+                        "dropout": 0.3, "loss": loss, "alpha": 0.1, "reg_l1": 1e-3})
+    patients = _patients(5)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(1)  # same dropout masks in both passes
+    total, _, _ = accumulate_group(model, iter(patients), len(patients), cfg)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = torch.cat([model(x20, x5, c) for x20, x5, c, _ in patients])
+    lab = torch.stack([p[3] for p in patients])
+    if loss == "survple":
+        ref = cox_nll(out, lab[:, 1], lab[:, 0])
+    else:
+        ref = discrete_nll(out, lab[:, 2], lab[:, 3], alpha=0.1)
+    (ref + l1_penalty(model.parameters(), 1e-3)).backward()
+    assert total == pytest.approx(float(ref), rel=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _summary_keys(report):
+    s = report["summary"]
+    return {k: s[k] for k in ("test_cindex_mean", "test_cindex_std", "val_loss_mean")}
+
+
+def test_train_writes_outputs_and_is_reproducible(small_config, tmp_path):
+    cfg = load_config(small_config())
+    a = train_cross_validation(cfg, tmp_path / "a")
+    out = tmp_path / "a"
+    for name in ("metrics.json", "predictions.csv", "train.log", "config.yaml",
+                 "training_curves.png", "km_test.png", "fold0/best.pt", "fold1/result.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert isinstance(metrics["summary"]["test_cindex_mean"], float)
+    assert isinstance(metrics["summary"]["test_cindex_std"], float)
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1]
+    for f in metrics["folds"]:
+        assert 0.0 <= f["test"]["cindex"] <= 1.0 and {"train", "val", "test"} <= f.keys()
+        assert f["test"]["cindex_ci_low"] <= f["test"]["cindex"] <= f["test"]["cindex_ci_high"]
+        assert len(f["history"]) == 2
+    preds = pd.read_csv(out / "predictions.csv")
+    assert list(preds.columns[:7]) == ["fold", "split", "patient_id", "t", "e", "y_t", "risk"]
+    assert {"surv_1", "surv_4"} <= set(preds.columns)
+    # every patient is tested exactly once over the 5 folds of the synthetic cohort; 2 run here
+    assert preds.loc[preds["split"] == "test", "patient_id"].is_unique
+    assert "fold 1 epoch 2" in (out / "train.log").read_text()
+    b = train_cross_validation(cfg, tmp_path / "b")
+    assert _summary_keys(a) == _summary_keys(b)
+    pd.testing.assert_frame_equal(preds, pd.read_csv(tmp_path / "b" / "predictions.csv"))
+
+
+def test_resume_continues_a_killed_fold(small_config, tmp_path):
+    full = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), tmp_path / "full")
+    # a run stopped after epoch 2 (its last.pt is what a kill after epoch 2 leaves behind)
+    run = tmp_path / "run"
+    train_cross_validation(load_config(small_config(epochs=2, folds=[0])), run)
+    (run / "fold0" / "result.json").unlink()
+    resumed = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), run, resume=True)
+    assert [h["epoch"] for h in resumed["folds"][0]["history"]] == [1, 2, 3]
+    assert "resumed after epoch 2" in (run / "train.log").read_text()
+    def curve(report):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in report["folds"][0]["history"]]
+
+    assert curve(resumed) == curve(full)
+    assert _summary_keys(resumed) == pytest.approx(_summary_keys(full))
+    # a finished fold is skipped on resume
+    again = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), run, resume=True)
+    assert _summary_keys(again) == pytest.approx(_summary_keys(full))
+    assert "fold 0: finished earlier, skipped" in (run / "train.log").read_text()
+
+
+def test_cox_head_and_train_cut_points(small_config, tmp_path):
+    cfg = load_config(small_config(dims="32-16-16-1", loss="survple", bin_cut="train", folds=[2],
+                                   epochs=1, bp_every_iters=6))
+    report = train_cross_validation(cfg, tmp_path / "cox")
+    assert 0.0 <= report["folds"][0]["test"]["cindex"] <= 1.0
+    assert "log_hazard" in pd.read_csv(tmp_path / "cox" / "predictions.csv").columns
+
+
+def test_cli_train_and_bad_inputs(small_config, tmp_path, capsys, synth_cohort):
+    cfg = small_config(epochs=1, folds=[0])
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--folds", "1"]) == 0
+    assert "test C-index" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["folds"][0]["fold"] == 1
+
+    assert main(["train", "--config", str(small_config(bp_every_iter=4)), "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean 'bp_every_iters'" in capsys.readouterr().err
+
+    # a split naming a patient that is not in the labels
+    bad_split = tmp_path / "bad-fold0.npz"
+    import numpy as np
+
+    with np.load(synth_cohort.splits[0]) as d:
+        np.savez(bad_split, train_patients=list(d["train_patients"]) + ["NOBODY"],
+                 val_patients=d["val_patients"], test_patients=d["test_patients"])
+    cfg = small_config(splits=str(tmp_path / "bad-fold{}.npz"), folds=[0])
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "bad-fold0.npz" in err and "NOBODY" in err
+    assert not (tmp_path / "y" / "metrics.json").exists()
+
+    # labels whose patients have no slide in the store
+    labels = pd.read_csv(synth_cohort.labels_csv)
+    lost = labels["patient_id"] == labels.loc[0, "patient_id"]
+    labels.loc[lost, "pathology_id"] = [f"MISSING-{i}" for i in range(lost.sum())]
+    labels.to_csv(tmp_path / "l.csv", index=False)
+    cfg = small_config(labels=str(tmp_path / "l.csv"), folds=[0, 1, 2, 3, 4])
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "z")]) == 2
+    assert "has no slide in the store" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "z", ignore_errors=True)
