@@ -64,7 +64,9 @@ def _inputs(m: int, device: str, dtype: torch.dtype, grad: bool) -> list[Tensor]
     ]
 
 
-def _step(fn: Callable[..., tuple[Tensor, Tensor]], args: list[Tensor], backward: bool) -> Callable[[], None]:
+def _step(
+    fn: Callable[..., tuple[Tensor, Tensor]], args: list[Tensor], backward: bool
+) -> Callable[[], None]:
     """One CAPool call (and its backward through a loss on the pooled output)."""
     sync = torch.cuda.synchronize if args[0].is_cuda else (lambda: None)
 
@@ -113,14 +115,17 @@ def _cases() -> Iterator:
     for mode in ("fwd", "fwdbwd"):
         for m in CPU_MS:
             for impl in IMPLS[:3]:
-                yield pytest.param("cpu", torch.float32, mode, m, impl, id=f"cpu-fp32-{mode}-M{m}-{impl}")
+                cid = f"cpu-fp32-{mode}-M{m}-{impl}"
+                yield pytest.param("cpu", torch.float32, mode, m, impl, id=cid)
         for dtype in (torch.bfloat16, torch.float32):
             tag = "bf16" if dtype == torch.bfloat16 else "fp32"
             for m in CUDA_MS:
                 for impl in IMPLS:
                     yield pytest.param(
                         "cuda", dtype, mode, m, impl, id=f"cuda-{tag}-{mode}-M{m}-{impl}",
-                        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+                        marks=pytest.mark.skipif(
+                            not torch.cuda.is_available(), reason="needs CUDA"
+                        ),
                     )
 
 
@@ -138,7 +143,9 @@ def test_capool(benchmark, device: str, dtype: torch.dtype, mode: str, m: int, i
     tag = str(dtype).removeprefix("torch.")
     group = f"{device}-{tag}-{mode}-M{m}"
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, m=m, c=C, heads=HEADS, dtype=tag, peak_mib=peak, saved_mib=saved)
+    benchmark.extra_info.update(
+        impl=impl, m=m, c=C, heads=HEADS, dtype=tag, peak_mib=peak, saved_mib=saved
+    )
     benchmark(run)
     if benchmark.stats is not None:  # None under --benchmark-disable
         _RESULTS.setdefault(group, {})[impl] = (benchmark.stats.stats.median, peak, saved)
@@ -155,7 +162,8 @@ def _ratio_table(request: pytest.FixtureRequest) -> Iterator[None]:
     if not _RESULTS:
         return
     lines = ["", "CAPool: speed-up over the plain formulation (median times), memory in MiB",
-             f"{'group':<28} {'impl':<9} {'median ms':>10} {'speed-up':>9} {'peak':>9} {'saved':>9}"]
+             f"{'group':<28} {'impl':<9} {'median ms':>10} {'speed-up':>9} {'peak':>9} "
+             f"{'saved':>9}"]
     for group, by_impl in _RESULTS.items():
         base = by_impl.get("plain", (math.nan, None, 0.0))[0]
         for impl in IMPLS:

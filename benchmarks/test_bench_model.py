@@ -177,36 +177,36 @@ def _memory_in_subprocess(impl: str) -> int:
 
 # -- pytest-benchmark -------------------------------------------------------------------------
 
-_TIMES: dict[str, float] = {}
+GROUP = f"DSCA train step, N={N_PATCHES}, {THREADS} threads"
 
 
-def _setup():
+def _setup() -> tuple[dict[str, nn.Module], tuple[Tensor, Tensor, Tensor]]:
     torch.set_num_threads(THREADS)
     return make_models(), make_inputs()
 
 
-def test_bench_train_step_plain(benchmark):
+def test_bench_train_step_plain(benchmark, bench_report):
     models, inputs = _setup()
-    benchmark.group = f"DSCA train step, N={N_PATCHES}, {THREADS} threads"
+    benchmark.group = GROUP
     benchmark.pedantic(make_step(models["plain"], inputs), rounds=5, warmup_rounds=1)
-    _TIMES["plain"] = benchmark.stats.stats.median
+    bench_report.record("model/plain", benchmark)
 
 
-def test_bench_train_step_ours(benchmark):
+def test_bench_train_step_ours(benchmark, bench_report):
     models, inputs = _setup()
-    benchmark.group = f"DSCA train step, N={N_PATCHES}, {THREADS} threads"
+    benchmark.group = GROUP
     benchmark.pedantic(make_step(models["ours"], inputs), rounds=5, warmup_rounds=1)
-    _TIMES["ours"] = benchmark.stats.stats.median
+    bench_report.record("model/ours", benchmark)
 
 
-def test_bench_ratios_report(benchmark):
-    """Interleaved timing (robust to a shared, noisy machine) + memory in subprocesses."""
+def test_bench_model_ratios(bench_report):
+    """Speed-up from interleaved steps (robust to a shared machine), memory in subprocesses."""
     models, inputs = _setup()
-    with torch.no_grad():  # sanity: same weights -> same hazards (eval, small bag)
+    with torch.no_grad():  # same weights -> same hazards (eval, small bag)
         small = make_inputs(40)
-        a = models["ours"].eval()(*small)
-        b = models["plain"].eval()(*small)
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            models["ours"].eval()(*small), models["plain"].eval()(*small), atol=1e-5, rtol=1e-4
+        )
     steps = {k: make_step(m.train(), inputs) for k, m in models.items()}
     for s in steps.values():
         s()
@@ -218,30 +218,19 @@ def test_bench_ratios_report(benchmark):
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {k: _memory_in_subprocess(k) for k in steps}
-    speedup = med["plain"] / med["ours"]
-    mem_ratio = mem["ours"] / mem["plain"]
     cfg = models["ours"].cfg
     macs, plain_macs = count_macs(cfg, N_PATCHES), count_macs(cfg, N_PATCHES, "plain")
-    report = {
-        "parameters": count_parameters(models["ours"]),
-        "macs_forward_ours": macs["total"],
-        "macs_forward_plain": plain_macs["total"],
-        "step_s_plain": med["plain"],
-        "step_s_ours": med["ours"],
-        "speedup": speedup,
-        "peak_rss_growth_mb_plain": mem["plain"] / 2**20,
-        "peak_rss_growth_mb_ours": mem["ours"] / 2**20,
-        "memory_ratio": mem_ratio,
-    }
-    benchmark.extra_info.update(report)
-    benchmark.pedantic(lambda: None, rounds=1)
-    print(f"\nDSCA train step, N={N_PATCHES}, {THREADS} threads (median of 5, interleaved)")
-    print(f"  parameters            {report['parameters']:,}")
-    print(f"  forward GMAC          plain {plain_macs['total'] / 1e9:.1f}  ours {macs['total'] / 1e9:.1f}")
-    print(f"  step time  [s]        plain {med['plain']:.3f}  ours {med['ours']:.3f}  "
-          f"speed-up {speedup:.2f}x (goal >= 1.5x)")
-    print(f"  peak RSS growth [MiB] plain {mem['plain'] / 2**20:.0f}  ours {mem['ours'] / 2**20:.0f}"
-          f"  ratio {mem_ratio:.2f} (goal <= 0.6)")
+    lines = [
+        f"{GROUP}: parameters {count_parameters(models['ours']):,}; forward GMAC plain "
+        f"{plain_macs['total'] / 1e9:.1f}, ours {macs['total'] / 1e9:.1f}",
+        f"{GROUP}: step time plain {med['plain']:.2f} s, ours {med['ours']:.2f} s -> speed-up "
+        f"{med['plain'] / med['ours']:.2f}x (goal >= 1.5x; median of 5 interleaved)",
+        f"{GROUP}: peak RSS growth plain {mem['plain'] / 2**20:.0f} MiB, ours "
+        f"{mem['ours'] / 2**20:.0f} MiB -> ratio {mem['ours'] / mem['plain']:.2f} (goal <= 0.6)",
+    ]
+    for line in lines:
+        bench_report.add(line)
+        print(line)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,20 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-patches", type=int, default=1000, metavar="N",
-                        help="low-res patches of the synthetic patient (16N high-res rows; default 1000)")
-    parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                        help="CAPool implementation (default auto: Triton on CUDA, PyTorch on CPU)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--dims", default=None, metavar="D-C-H-B",
-                        help="input-embedding-hidden-bins, e.g. 1024-384-384-4 (the reference default)")
-    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
-                        help="take the model keys of this reference-style config (others are ignored)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up (median)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the report as JSON")
+    add = parser.add_argument
+    add("--n-patches", type=int, default=1000, metavar="N",
+        help="low-res patches of the synthetic patient (16N high-res rows; default 1000)")
+    add("--backend", choices=("auto", "triton", "torch"), default="auto",
+        help="CAPool implementation (default auto: Triton on CUDA, PyTorch on CPU)")
+    add("--device", choices=("cpu", "cuda"), default=None,
+        help="default: cuda when available, else cpu")
+    add("--dims", default=None, metavar="D-C-H-B",
+        help="input-embedding-hidden-bins, e.g. 1024-384-384-4 (the reference default)")
+    add("--config", type=Path, default=None, metavar="YAML",
+        help="take the model keys of this reference-style config (others are ignored)")
+    add("--repeats", type=int, default=3, help="timed passes after a warm-up (median)")
+    add("--seed", type=int, default=0)
+    add("--json", type=Path, default=None, metavar="PATH", help="also write the report as JSON")
 
 
 def _model_cfg(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,7 +44,8 @@ def _model_cfg(args: argparse.Namespace) -> dict[str, Any]:
         try:
             raw = yaml.safe_load(args.config.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{args.config}: not valid YAML ({str(err).splitlines()[0]})") from None
+            first_line = str(err).splitlines()[0]
+            raise ValueError(f"{args.config}: not valid YAML ({first_line})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{args.config}: expected a mapping of keys")
         cfg = {k: v for k, v in raw.items() if k in ModelConfig.yaml_keys()}

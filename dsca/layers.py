@@ -93,14 +93,14 @@ class _BlockConv3x3(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         M, _, D = x.shape
         C = weight.shape[0]
-        taps = rearrange(weight, "co ci kr kc -> kr kc ci co").contiguous()  # [3, 3, D, C]
+        taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
         xp = rearrange(x, "m p d -> (p m) d").contiguous()  # position-major [16 M, D]
         if bias is not None:
-            out = torch.addmm(bias, xp, taps[1, 1])  # centre tap: all 16 positions
+            out = torch.addmm(bias, xp, taps[1, 1].t())  # centre tap: all 16 positions
         else:
-            out = xp @ taps[1, 1]
+            out = xp @ taps[1, 1].t()
         for kr, kc, po, pi, n in _PLAN:
-            out[po * M:(po + n) * M].addmm_(xp[pi * M:(pi + n) * M], taps[kr, kc])
+            out[po * M:(po + n) * M].addmm_(xp[pi * M:(pi + n) * M], taps[kr, kc].t())
         # x is the caller's; the position-major copy is redone in backward (cheaper than
         # holding another [16 M, D] for the whole step)
         ctx.save_for_backward(x, weight)
@@ -115,18 +115,18 @@ class _BlockConv3x3(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
             xp = rearrange(x, "m p d -> (p m) d").contiguous()
-            gtaps = torch.empty(3, 3, D, weight.shape[0], dtype=x.dtype, device=x.device)
-            torch.mm(xp.t(), gp, out=gtaps[1, 1])
+            gtaps = torch.empty(3, 3, weight.shape[0], D, dtype=x.dtype, device=x.device)
+            torch.mm(gp.t(), xp, out=gtaps[1, 1])
             seen: set[tuple[int, int]] = set()
             for kr, kc, po, pi, n in _PLAN:
-                a, b = xp[pi * M:(pi + n) * M].t(), gp[po * M:(po + n) * M]
+                a, b = gp[po * M:(po + n) * M].t(), xp[pi * M:(pi + n) * M]
                 if (kr, kc) in seen:
                     gtaps[kr, kc].addmm_(a, b)
                 else:
                     torch.mm(a, b, out=gtaps[kr, kc])
                     seen.add((kr, kc))
             del xp
-            grad_w = rearrange(gtaps, "kr kc ci co -> co ci kr kc")
+            grad_w = rearrange(gtaps, "kr kc co ci -> co ci kr kc").contiguous()
         if ctx.needs_input_grad[0]:
             taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
             gx = gp @ taps[1, 1]
@@ -385,18 +385,20 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     ``bernoulli_`` draws one random number per element (it was ~13% of a training step on CPU,
     the [heads, N, N] attention dropout dominating); here each int64 from ``random_`` (63
     uniform bits) is split into four 15-bit lanes, each compared with ``round(p * 2^15)``.
-    Elements are kept independently with probability ``keep = 1 - round(p * 2^15) / 2^15``
-    (p quantized to 1/32768) and the returned scale is ``1 / keep``, so the expectation is
+    Elements are dropped independently with probability ``round(p * 2^15) / 2^15`` (p
+    quantized to 1/32768) and the returned scale is ``1 / (1 - that)``, so the expectation is
     exact.
 
     Returns:
-        bool mask of ``shape`` (True = keep) and the scale of kept elements.
+        uint8 mask of ``shape`` (1 = keep; one byte per element, and an in-place float x uint8
+        product is the cheapest way to apply it) and the scale of kept elements.
     """
     n = math.prod(shape)
     threshold = round(p * _LANES)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     lanes = words.view(torch.int16)[:n].bitwise_and_(_LANES - 1)
-    return (lanes >= threshold).view(shape), _LANES / (_LANES - threshold)
+    keep = (lanes >= threshold).view(torch.uint8)
+    return keep.view(shape), _LANES / (_LANES - threshold)
 
 
 class Dropout(nn.Module):
@@ -412,7 +414,7 @@ class Dropout(nn.Module):
         if not self.training or round(self.p * _LANES) == 0:
             return x
         keep, scale = keep_mask(x.shape, self.p, x.device)
-        return x * (keep.to(x.dtype) * scale)
+        return x * (keep * scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -433,6 +435,9 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        # the heads arrive as strided views of the packed projection: one copy here spares
+        # BLAS a copy per chunk
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         G, N, e = q.shape
         scale = e**-0.5
         out = torch.empty_like(q)
@@ -466,7 +471,7 @@ class _DropoutAttention(torch.autograd.Function):
             dprob = torch.bmm(g[:, i:j], vt)  # d(out)/d(dropped prob)
             if keep is not None:
                 m = keep[:, i:j]
-                dv.baddbmm_((prob * m).mul_(ctx.keep_scale).transpose(1, 2), g[:, i:j])
+                dv.baddbmm_((prob * ctx.keep_scale).mul_(m).transpose(1, 2), g[:, i:j])
                 dprob.mul_(m).mul_(ctx.keep_scale)
             else:
                 dv.baddbmm_(prob.transpose(1, 2), g[:, i:j])

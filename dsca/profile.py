@@ -258,7 +258,7 @@ def profile_model(
     backend = str(model_cfg.get("capool_backend", "auto"))
     if backend in ("auto", "triton") and (backend == "triton" or dev.type == "cuda"):
         # registers the Triton ops' FLOP formulas
-        import dsca.kernels.triton_capool  # noqa: F401
+        import dsca.kernels.triton_capool  # noqa: F401 - imported for its registrations
     dims = tuple(getattr(getattr(model, "cfg", None), "dims", ()) or ())
     in_dim = dims[0] if dims else next(p for p in model.parameters() if p.dim() >= 2).shape[-1]
     batch = synthetic_bag(n_patches, in_dim, dev, seed)
@@ -343,7 +343,10 @@ def format_table(report: ProfileReport) -> str:
         f"dims={'-'.join(map(str, report.dims))}, device={report.device}, "
         f"capool_backend={report.backend}, median of {report.repeats}"
     )
-    cols = f"{'module':<30} {'params':>9} {'fwd ms':>9} {'bwd ms':>9} {'FLOP':>11} {'FLOP/s':>12} {'saved MiB':>10} {'peak MiB':>9}"
+    cols = (
+        f"{'module':<30} {'params':>9} {'fwd ms':>9} {'bwd ms':>9} {'FLOP':>11} {'FLOP/s':>12} "
+        f"{'saved MiB':>10} {'peak MiB':>9}"
+    )
     lines = [head, cols, "-" * len(cols)]
     rows = [*report.modules, *([report.total] if report.total else [])]
     for i, m in enumerate(rows):

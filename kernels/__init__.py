@@ -59,7 +59,8 @@ def _check_shapes(x20: Tensor, query: Tensor, in_proj_weight: Tensor, num_heads:
         raise ValueError(f"CAPool: num_heads={num_heads} must divide C={C}")
     if tuple(in_proj_weight.shape) != (3 * C, C):
         raise ValueError(
-            f"CAPool: in_proj_weight must be [3C, C] = {[3 * C, C]}, got {list(in_proj_weight.shape)}"
+            f"CAPool: in_proj_weight must be [3C, C] = {[3 * C, C]}, "
+            f"got {list(in_proj_weight.shape)}"
         )
     if query.device != x20.device:
         raise ValueError(f"CAPool: x20 on {x20.device} but query on {query.device}")

@@ -89,7 +89,8 @@ def run_job(job: CompileJob) -> dict:
         result.update(ok="cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, error="")
         result["shared_bytes"] = int(compiled.metadata.shared)
     except Exception as exc:  # noqa: BLE001 - every compiler failure is a finding to report
-        result.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        result.update(ok=False, error=f"{type(exc).__name__}: {first_line}")
     return result
 
 
@@ -112,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         results = list(pool.map(run_job, jobs))
     failed = [r for r in results if not r["ok"]]
     for r in failed:
-        print(f"FAILED {r['kernel']} sm_{r['arch']} {r['dtype']} BLOCK_C={r['block_c']} "
-              f"warps={r['num_warps']} stages={r['num_stages']} BLOCK_H={r['block_h']}: {r['error']}")
+        print(
+            f"FAILED {r['kernel']} sm_{r['arch']} {r['dtype']} BLOCK_C={r['block_c']} "
+            f"warps={r['num_warps']} stages={r['num_stages']} BLOCK_H={r['block_h']} "
+            f"HAS_GP={r['has_gp']}: {r['error']}"
+        )
     print(f"compiled {len(results) - len(failed)}/{len(results)} kernel specializations")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -36,7 +36,9 @@ from torch import Tensor
 __all__ = ["attend_pool_torch", "capool_folded", "capool_plain", "fold_query", "project_out"]
 
 
-def fold_query(query: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor, num_heads: int) -> Tensor:
+def fold_query(
+    query: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor, num_heads: int
+) -> Tensor:
     """Key direction of each head: k_h = W_k,h^T (W_q,h q + b_q,h) / sqrt(d).
 
     Args:

@@ -92,7 +92,8 @@ def _capool_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C
-        k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        mask_hc = mask_h[:, None] & mask_c[None, :]
+        k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_hc, other=0.0)
         x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
         s += tl.sum(k.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
 
@@ -153,7 +154,8 @@ def _capool_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C
-        g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        mask_hc = mask_h[:, None] & mask_c[None, :]
+        g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_hc, other=0.0)
         x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
         dp += tl.sum(g.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
     # padded heads: p = 0 there, so ds = 0 and they add nothing to dx
@@ -167,7 +169,8 @@ def _capool_bwd_kernel(
         mask_hc = mask_h[:, None] & mask_c[None, :]
         g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_hc, other=0.0).to(tl.float32)
         k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_hc, other=0.0).to(tl.float32)
-        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
+        x = x.to(tl.float32)
         dk = tl.sum(ds[:, :, None] * x[None, :, :], axis=1)
         dx = tl.sum(p[:, :, None] * g[:, None, :] + ds[:, :, None] * k[:, None, :], axis=0)
         tl.store(dk_base + cc[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_hc)

@@ -68,7 +68,8 @@ class PatientDataset(Dataset):
             self._labels = labels.loc[self.patient_ids, list(LABEL_COLUMNS)].to_numpy(dtype=np.float32)
         self._store: FeatureStore | None = None
         self._pid = -1
-        missing = [(p, s) for p, ss in self.patient_slides.items() for s in ss if s not in set(self.store.slide_ids)]
+        known = set(self.store.slide_ids)
+        missing = [(p, s) for p, ss in self.patient_slides.items() for s in ss if s not in known]
         if missing:
             raise KeyError(f"{self.store_path}: slides not in the store: {missing[:5]}")
         self._store = None  # do not carry the parent's handle into workers

@@ -201,14 +201,12 @@ class FeatureStore:
         self._slides = root[SLIDES]
         self._slide_attrs: dict[str, dict[str, Any]] = {}
         self._arrays: dict[tuple[str, str], tuple[zarr.Array, _Layout | None]] = {}
-        ids = []
-        for sid, group in self._slides.groups():
-            attrs = dict(group.attrs)
-            if attrs.get("complete") is True:
-                ids.append(sid)
-                self._slide_attrs[sid] = attrs
-        self.slide_ids: list[str] = sorted(ids)
         self._groups = dict(self._slides.groups())
+        for sid, group in self._groups.items():
+            attrs = dict(group.attrs)
+            if attrs.get("complete") is True:  # a slide is only read once convert finished it
+                self._slide_attrs[sid] = attrs
+        self.slide_ids: list[str] = sorted(self._slide_attrs)
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:

@@ -79,7 +79,8 @@ def _mha_module_capool(inp: CAPoolInputs) -> tuple[Tensor, Tensor, list[Tensor]]
     g = torch.Generator().manual_seed(1)
     loss = (out * torch.randn(out.shape, generator=g).to(out)).sum()
     loss = loss + (attn * torch.randn(attn.shape, generator=g).to(attn)).sum()
-    params = [x20, query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    params = [x20, query, mha.in_proj_weight, mha.in_proj_bias]
+    params += [mha.out_proj.weight, mha.out_proj.bias]
     return out, attn, list(torch.autograd.grad(loss, params))
 
 
@@ -208,7 +209,9 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
         "    print('ERR', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert "ERR CAPool backend 'triton' cannot run" in res.stdout
     assert "TRITON_INTERPRET=1" in res.stdout and "cpu" in res.stdout
@@ -231,7 +234,8 @@ def test_torch_library_ops_pass_opcheck() -> None:
 def test_torch_compile_fullgraph_matches_eager() -> None:
     inp = make_inputs(5, 32, 4, seed=6)
     compiled = torch.compile(capool_triton, backend="aot_eager", fullgraph=True)
-    _compare(_run(compiled, inp.to(torch.float32)), _run(capool_triton, inp.to(torch.float32)), 1e-6, 1e-6)
+    got = _run(compiled, inp.to(torch.float32))
+    _compare(got, _run(capool_triton, inp.to(torch.float32)), 1e-6, 1e-6)
 
 
 def test_autocast_runs_kernel_in_half_precision() -> None:
@@ -270,7 +274,9 @@ def test_gpu_triton_op_registration_traces_with_fake_cuda_tensors() -> None:
         "          tuple(dk.shape), dk.dtype, tuple(dx.shape), dx.dtype)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == [
         "(5,", "4,", "40)", "torch.bfloat16", "cuda", "(5,", "4,", "16)", "torch.float32",

@@ -5,8 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 pytest.importorskip("nystrom_attention")  # the model's dependency (absent on bare GPU images)
@@ -46,7 +44,9 @@ def test_profile_triton_backend_counts_the_same_flops() -> None:
     assert triton_report.total.saved_mib <= torch_report.total.saved_mib
 
 
-def test_profile_cli_prints_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_profile_cli_prints_table_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "profile.json"
     rc = main(["profile", "--n-patches", "6", "--dims", "48-16-16-4", "--backend", "torch",
                "--device", "cpu", "--repeats", "1", "--json", str(out)])
@@ -65,15 +65,20 @@ def test_profile_cli_prints_table_and_writes_json(tmp_path: Path, capsys: pytest
         (["--config", "/nonexistent.yaml"], "config file not found"),
     ],
 )
-def test_profile_cli_bad_input_is_one_line_error(argv: list[str], message: str, capsys) -> None:  # noqa: ANN001
+def test_profile_cli_bad_input_is_one_line_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["profile", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsca profile: error:") and message in err[0]
 
 
-def test_profile_cli_reads_model_keys_of_reference_config(reference_dir: Path, capsys) -> None:  # noqa: ANN001
+def test_profile_cli_reads_model_keys_of_reference_config(
+    reference_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The study's config_hier.yaml (with its data-path keys) is accepted; --dims overrides."""
-    rc = main(["profile", "--config", str(reference_dir / "config_hier.yaml"), "--dims", "48-16-16-4",
-               "--n-patches", "4", "--device", "cpu", "--repeats", "1"])
+    config = reference_dir / "config_hier.yaml"
+    rc = main(["profile", "--config", str(config), "--dims", "48-16-16-4", "--n-patches", "4",
+               "--device", "cpu", "--repeats", "1"])
     assert rc == 0
     assert "dims=48-16-16-4" in capsys.readouterr().out

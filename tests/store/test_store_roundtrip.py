@@ -131,3 +131,22 @@ def test_info_and_verify_on_clean_store(synth_cohort, synth_store):
     assert 1.0 < info.ratio < 1.01
     report = verify_store(synth_store, progress=False)
     assert report.ok and report.slides == info.slides
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_other_layouts_fall_back_to_zarr(synth_cohort, tmp_path):
+    # a store rewritten by another tool (no sharding, gzip): still readable, through zarr itself
+    out = tmp_path / "s.zarr"
+    assert convert_cohort(x5_features=synth_cohort.x5_features, x20_features=synth_cohort.x20_features,
+                          x5_coords=synth_cohort.x5_coords, out=out, progress=False).ok
+    sid = FeatureStore.open(out).slide_ids[0]
+    group = zarr.open_group(out / "slides" / sid, mode="r+")
+    x20 = group["x20"][...]
+    del group["x20"]
+    group.create_array("x20", data=x20, chunks=(7, 16, 32), compressors=[zarr.codecs.GzipCodec()])
+    zarr.consolidate_metadata(out)
+    fs = FeatureStore.open(out)
+    assert fs._array(sid, "x20")[1] is None
+    np.testing.assert_array_equal(fs.read_slide(sid).x20, x20.astype(np.float32))
+    rows = fs.read_region(sid, slice(0, 10**6), slice(0, 10**6))
+    np.testing.assert_array_equal(rows.x20, x20.astype(np.float32))

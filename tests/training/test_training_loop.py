@@ -111,8 +111,9 @@ def test_resume_continues_a_killed_fold(small_config, tmp_path):
 
 
 def test_cox_head_and_train_cut_points(small_config, tmp_path):
+    # also: DataLoader worker processes, as the reference config asks for (num_workers: 8)
     cfg = load_config(small_config(dims="32-16-16-1", loss="survple", bin_cut="train", folds=[2],
-                                   epochs=1, bp_every_iters=6))
+                                   epochs=1, bp_every_iters=6, num_workers=1))
     report = train_cross_validation(cfg, tmp_path / "cox")
     assert 0.0 <= report["folds"][0]["test"]["cindex"] <= 1.0
     assert "log_hazard" in pd.read_csv(tmp_path / "cox" / "predictions.csv").columns
