@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in _SUBCOMMANDS.items():
         module = importlib.import_module(f"dsca.cli.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        add_verbosity(p)
+        add_verbosity(p, subcommand=True)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

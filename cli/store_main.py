@@ -138,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-h5", action="store_true", help="write pt_files/ only")
     p.set_defaults(_run=_synth)
     for action in sub.choices.values():
-        # SUPPRESS: a subcommand's defaults must not undo `dsca-store -q COMMAND`
-        action.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
-        action.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                            help="only warnings, errors and the summary; no progress bars")
+        add_verbosity(action, subcommand=True)
     return parser
 
 
