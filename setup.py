@@ -38,6 +38,9 @@ setup(
         "tqdm>=4.60",
         # Kaplan-Meier / training-curve plots.
         "matplotlib>=3.7",
+        # Cox partial likelihood (Efron/Breslow ties), time-dependent AUC and IPCW Brier score:
+        # PyTorch-native, needs only torch>=2.8/scipy, does not pull another torch.
+        "torchsurv>=0.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

@@ -44,6 +44,10 @@ def _convert(args: argparse.Namespace) -> int:
     except ConvertError as exc:
         _fail([f"error: {exc}"])
         return 2
+    except KeyboardInterrupt:
+        # slides finished so far are complete and consolidated; half-written ones were removed
+        _fail([f"interrupted: rerun the same command to resume (complete slides in {args.out} are kept)"])
+        return 130
     mb = report.source_bytes / 1e6
     print(f"converted {len(report.converted)}, skipped {len(report.skipped)} (already complete), "
           f"failed {len(report.failures)}, missing {len(report.missing)}; "

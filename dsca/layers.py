@@ -2,15 +2,19 @@
 
 Every module here keeps the parameter names and shapes of the reference implementation
 (``conv.weight`` [C_out, C_in, k, k], ``cross_att_pool.in_proj_weight`` ...), so that reference
-state dicts load with ``strict=True``, while the forward passes are written for speed:
+state dicts load with ``strict=True``, while the forward passes are written for CPU speed and
+memory of a training step (one patient, ~1,000 x5 patches, 16,000 x20 rows):
 
-* the high-res (x20) rows stay channel-last ([M, 16, C]) end to end: no square/sequence
-  permutes around the 2-D convolution;
+* the high-res (x20) rows stay channel-last ([M, 16, C]): no square/sequence permutes
+  around a 2-D convolution;
 * the 3x3 convolution inside each 4x4 block is computed as per-tap GEMMs over the taps that
   hit real rows: 100 of the 144 tap-positions of a block, so 31% fewer multiply-adds than
   ``nn.Conv2d`` with zero padding, and no im2col/padding buffers;
 * cross-attention pooling goes through :func:`dsca.kernels.capool` (projection folding: K and V
-  of the 16 rows are never formed).
+  of the 16 rows are never formed);
+* the Transformer encoder equals ``nn.TransformerEncoder`` (names, eval outputs) but keeps a
+  one-byte dropout mask instead of float [heads, N, N] matrices for backward, and draws its
+  dropout masks four per 64 random bits.
 
 Notation: ``M = B * N`` blocks, 16 rows per block (row ``4 * r + c`` of the 4x4 grid),
 ``D`` input feature size, ``C`` embedding size, ``H`` heads.
@@ -29,19 +33,19 @@ from dsca.kernels import capool
 
 __all__ = [
     "AvgPoolEmbedding",
-    "Dropout",
-    "TransformerEncoder",
-    "TransformerEncoderLayer",
-    "dropout_attention",
-    "keep_mask",
     "BlockConv2d",
     "CAPoolEmbedding",
     "Conv1dEmbedding",
+    "Dropout",
     "GAPool",
     "GAPoolEmbedding",
     "SeparableBlockConv2d",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "block_conv3x3",
     "cross_attention_logits",
+    "dropout_attention",
+    "keep_mask",
 ]
 
 SCALE = 4  # each low-res patch owns a SCALE x SCALE block of high-res patches
@@ -81,60 +85,70 @@ def _band_plan() -> list[tuple[int, int, int, int, int]]:
 _PLAN = _band_plan()  # 22 GEMMs; with the centre tap 100 of the 144 tap-positions of a block
 
 
+_M_CHUNK = 256  # blocks per pass: bounds the position-major copies at 16 x 256 rows
+
+
+def _position_major(x: Tensor) -> Tensor:
+    """[m, 16, D] -> [16 m, D] (position-major: all blocks' position 0, then position 1, ...)."""
+    return rearrange(x, "m p d -> (p m) d").contiguous()
+
+
 class _BlockConv3x3(torch.autograd.Function):
     """3x3 'same' convolution inside each 4x4 block: one GEMM per tap and run of positions.
 
-    The rows are copied once into position-major order ([16, M, D]); every tap then multiplies
-    contiguous [n M, D] slices, accumulating in place into the matching output slice. 23 large
-    GEMMs per pass: few parallel regions, which keeps two threads busy even on a loaded machine.
+    Chunks of blocks are copied into position-major order; every tap then multiplies a
+    contiguous [n m, D] slice, accumulating in place into the matching output slice. 23 large
+    GEMMs per chunk and pass: few parallel regions, which keeps two threads busy even on a
+    loaded machine, and the copies stay a few MiB.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        M, _, D = x.shape
-        C = weight.shape[0]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        M = x.shape[0]
         taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
-        xp = rearrange(x, "m p d -> (p m) d").contiguous()  # position-major [16 M, D]
-        if bias is not None:
-            out = torch.addmm(bias, xp, taps[1, 1].t())  # centre tap: all 16 positions
-        else:
-            out = xp @ taps[1, 1].t()
-        for kr, kc, po, pi, n in _PLAN:
-            out[po * M:(po + n) * M].addmm_(xp[pi * M:(pi + n) * M], taps[kr, kc].t())
-        # x is the caller's; the position-major copy is redone in backward (cheaper than
-        # holding another [16 M, D] for the whole step)
+        out = x.new_empty(M, BLOCK, weight.shape[0])
+        for m0 in range(0, M, _M_CHUNK):
+            xp = _position_major(x[m0:m0 + _M_CHUNK])
+            m = xp.shape[0] // BLOCK
+            # centre tap: all 16 positions, and the bias
+            o = xp @ taps[1, 1].t() if bias is None else torch.addmm(bias, xp, taps[1, 1].t())
+            for kr, kc, po, pi, n in _PLAN:
+                o[po * m:(po + n) * m].addmm_(xp[pi * m:(pi + n) * m], taps[kr, kc].t())
+            out[m0:m0 + m] = rearrange(o, "(p m) c -> m p c", p=BLOCK)
+        # x is the caller's: backward redoes the position-major copies instead of keeping them
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return rearrange(out, "(p m) c -> m p c", p=BLOCK).contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         M, _, D = x.shape
-        gp = rearrange(grad_out, "m p c -> (p m) c").contiguous()  # [16 M, C]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            xp = rearrange(x, "m p d -> (p m) d").contiguous()
-            gtaps = torch.empty(3, 3, weight.shape[0], D, dtype=x.dtype, device=x.device)
-            torch.mm(gp.t(), xp, out=gtaps[1, 1])
-            seen: set[tuple[int, int]] = set()
-            for kr, kc, po, pi, n in _PLAN:
-                a, b = gp[po * M:(po + n) * M].t(), xp[pi * M:(pi + n) * M]
-                if (kr, kc) in seen:
-                    gtaps[kr, kc].addmm_(a, b)
-                else:
-                    torch.mm(a, b, out=gtaps[kr, kc])
-                    seen.add((kr, kc))
-            del xp
+        C = weight.shape[0]
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = x.new_empty(x.shape) if need_x else None
+        gtaps = x.new_zeros(3, 3, C, D) if need_w else None
+        taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous() if need_x else None
+        for m0 in range(0, M, _M_CHUNK):
+            gp = _position_major(grad_out[m0:m0 + _M_CHUNK])  # [16 m, C]
+            m = gp.shape[0] // BLOCK
+            if gtaps is not None:
+                xp = _position_major(x[m0:m0 + m])
+                gtaps[1, 1].addmm_(gp.t(), xp)
+                for kr, kc, po, pi, n in _PLAN:
+                    gtaps[kr, kc].addmm_(gp[po * m:(po + n) * m].t(), xp[pi * m:(pi + n) * m])
+                del xp
+            if grad_x is not None:
+                gx = gp @ taps[1, 1]
+                for kr, kc, po, pi, n in _PLAN:
+                    gx[pi * m:(pi + n) * m].addmm_(gp[po * m:(po + n) * m], taps[kr, kc])
+                grad_x[m0:m0 + m] = rearrange(gx, "(p m) d -> m p d", p=BLOCK)
+        grad_w = None
+        if gtaps is not None:
             grad_w = rearrange(gtaps, "kr kc co ci -> co ci kr kc").contiguous()
-        if ctx.needs_input_grad[0]:
-            taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
-            gx = gp @ taps[1, 1]
-            for kr, kc, po, pi, n in _PLAN:
-                gx[pi * M:(pi + n) * M].addmm_(gp[po * M:(po + n) * M], taps[kr, kc])
-            grad_x = rearrange(gx, "(p m) d -> m p d", p=BLOCK)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gp.sum(dim=0)
+        grad_b = grad_out.sum(dim=(0, 1)) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
 
 
@@ -356,8 +370,17 @@ class CAPoolEmbedding(_BlockEmbedding):
         B, N, _ = x5.shape
         query = self.conv_patch_x5(x5).reshape(B * N, -1)  # [M, C]
         rows = self.embed_rows(x20)  # [M, 16, C]
+        pooled, probs = self._pool(rows, query)
+        logits = None
+        if need_logits:
+            logits = cross_attention_logits(rows, query, self.cross_att_pool)
+            logits = logits.view(B, N, self.num_heads, BLOCK)
+        return pooled.view(B, N, -1), probs.view(B, N, self.num_heads, BLOCK), logits
+
+    def _pool(self, rows: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """rows [M, 16, C], query [M, C] -> pooled [M, C], probabilities [M, H, 16]."""
         mha = self.cross_att_pool
-        pooled, probs = capool(
+        return capool(
             rows,
             query,
             mha.in_proj_weight,
@@ -367,10 +390,6 @@ class CAPoolEmbedding(_BlockEmbedding):
             self.num_heads,
             backend=self.backend,
         )
-        logits = None
-        if need_logits:
-            logits = cross_attention_logits(rows, query, mha).view(B, N, self.num_heads, BLOCK)
-        return pooled.view(B, N, -1), probs.view(B, N, self.num_heads, BLOCK), logits
 
 
 # -- dropout with cheap masks ------------------------------------------------------------------
@@ -379,7 +398,9 @@ _LANE_BITS = 15
 _LANES = 1 << _LANE_BITS
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[Tensor, float]:
+def keep_mask(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device
+) -> tuple[Tensor, float]:
     """Bernoulli keep-mask for dropout with probability ``p``, 4 draws per 64 random bits.
 
     ``bernoulli_`` draws one random number per element (it was ~13% of a training step on CPU,
@@ -489,9 +510,12 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, training: bool)
         q, k, v: [B, H, N, e].
 
     Returns:
-        [B, H, N, e]; outside training (or without gradients) this is
-        ``F.scaled_dot_product_attention``.
+        [B, H, N, e]. On GPUs, and outside training without gradients, this is
+        ``F.scaled_dot_product_attention`` (whose fused GPU kernels already draw dropout
+        in-kernel); the chunked function below is for CPU training.
     """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p if training else 0.0)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not training and not needs_grad:
         return F.scaled_dot_product_attention(q, k, v)

@@ -88,7 +88,9 @@ def _parse_dims(value: Any) -> tuple[int, int, int, int]:
         try:
             parts = [int(p) for p in parts]
         except ValueError:
-            raise _fail("dims", f"expected 4 integers like '1024-384-384-4', got {value!r}") from None
+            raise _fail(
+                "dims", f"expected 4 integers like '1024-384-384-4', got {value!r}"
+            ) from None
     elif isinstance(value, (list, tuple)):
         parts = list(value)
     else:
@@ -294,7 +296,9 @@ class DSCA(nn.Module):
         self.cfg = cfg
         if cfg.dual:
             self.patchx20_embedding_layer = _make_x20_embedding(cfg)
-            self.patchx5_embedding_layer = Conv1dEmbedding(cfg.dims[0], cfg.dims[1], cfg.emb_x5_ksize)
+            self.patchx5_embedding_layer = Conv1dEmbedding(
+                cfg.dims[0], cfg.dims[1], cfg.emb_x5_ksize
+            )
             self.patch_encoder_layer = _make_encoder(cfg)
             if cfg.join == "post":
                 self.patch_encoder_layer_parallel = _make_encoder(cfg)
@@ -511,7 +515,8 @@ def count_macs(
     macs["pool"] = 2 * N * e * e + N * e + N * e if cfg.pool == "gap" else 0
     rep = 2 * e if cfg.pool == "max_mean" else e
     if cfg.cox:
-        macs["head"] = (rep * e + e * e // 2 + e // 2) if cfg.pool == "max_mean" else (e * e // 2 + e // 2)
+        first = rep * e + e * e // 2 if cfg.pool == "max_mean" else e * e // 2
+        macs["head"] = first + e // 2
     else:
         macs["head"] = rep * cfg.dims[3]
     macs["total"] = sum(macs.values())

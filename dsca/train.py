@@ -13,7 +13,8 @@ validation loss (alpha = 0), keep the best weights. After training the best weig
 evaluated on train/val/test. Everything lands in the output directory:
 
     metrics.json            summary (mean/std over folds) + per-fold metrics (MUST format)
-    predictions.csv         fold, split, patient_id, t, e, y_t, risk, surv_1..K (or log_hazard)
+    predictions.csv         fold, split, patient_id, t, e, y_t, risk, surv_1..K (or log_hazard);
+                            unless save_prediction is false
     train.log               the log of the run
     config.yaml             the parsed configuration
     training_curves.png     loss and C-index per epoch and fold
@@ -544,26 +545,18 @@ def train_cross_validation(
     from dsca.plots import plot_km, plot_training_curves
 
     out = Path(out_dir)
+    folds = list(cfg.folds if folds is None else folds)
+    dev = resolve_device(device or cfg.device)
+    # Check every fold's inputs before writing anything or spending hours on the first fold.
+    labels = load_labels(cfg.labels, bins=cfg.bins)
+    split_paths = resolve_split_paths(cfg.splits, folds)
+    cache: dict[tuple[str, tuple[float, ...]], Any] | None = {} if cfg.cache_features else None
+    fold_data = [build_fold_data(cfg, labels, k, p, cache) for k, p in zip(folds, split_paths)]
+
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log", mode="a" if resume else "w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    dsca_log = logging.getLogger("dsca")
-    dsca_log.addHandler(handler)
-    if dsca_log.getEffectiveLevel() > logging.INFO:
-        dsca_log.setLevel(logging.INFO)
-    threads = torch.get_num_threads()
-    try:
-        folds = list(cfg.folds if folds is None else folds)
-        dev = resolve_device(device or cfg.device)
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+    with _log_to_file(out / "train.log", append=resume), _threads(cfg.num_threads):
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("training %d fold(s) on %s; outputs in %s", len(folds), dev, out)
-        labels = load_labels(cfg.labels, bins=cfg.bins)
-        split_paths = resolve_split_paths(cfg.splits, folds)
-        # Check every fold's inputs before spending hours on the first one.
-        cache: dict[tuple[str, tuple[float, ...]], Any] | None = {} if cfg.cache_features else None
-        fold_data = [build_fold_data(cfg, labels, k, p, cache) for k, p in zip(folds, split_paths)]
         results = []
         for data in fold_data:
             fold_dir = out / f"fold{data.fold}"
@@ -575,7 +568,8 @@ def train_cross_validation(
             results.append(train_fold(cfg, data, fold_dir, dev, resume=resume))
         report = _report(results)
         preds = pd.DataFrame([r for res in results for r in res["predictions"]])
-        preds.to_csv(out / "predictions.csv", index=False)
+        if cfg.save_prediction:
+            preds.to_csv(out / "predictions.csv", index=False)
         plot_training_curves([res["history"] for res in results], [res["fold"] for res in results],
                              out / "training_curves.png")
         test = preds[preds["split"] == "test"]
@@ -589,10 +583,45 @@ def train_cross_validation(
         log.info("test C-index %.3f +- %.3f over %d fold(s)", report["summary"]["test_cindex_mean"],
                  report["summary"]["test_cindex_std"], len(results))
         return report
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path, append: bool) -> Iterator[None]:
+    """Copy the package's INFO log into ``path`` without making the console chattier."""
+    handler = logging.FileHandler(path, mode="a" if append else "w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    dsca_log = logging.getLogger("dsca")
+    old_level = dsca_log.level
+    console_level = dsca_log.getEffectiveLevel()
+    raised = []
+    if console_level > logging.INFO:
+        # Records now pass the logger at INFO: keep the console handlers at their old level.
+        for h in logging.getLogger().handlers:
+            if h.level < console_level:
+                raised.append((h, h.level))
+                h.setLevel(console_level)
+        dsca_log.setLevel(logging.INFO)
+    dsca_log.addHandler(handler)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
         dsca_log.removeHandler(handler)
         handler.close()
+        dsca_log.setLevel(old_level)
+        for h, level in raised:
+            h.setLevel(level)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (0 = leave as is), restoring the count afterwards."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _report(results: list[dict[str, Any]]) -> dict[str, Any]:

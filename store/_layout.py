@@ -1,6 +1,8 @@
 """Constants of the `dsca-store/1` layout and the codec presets it may be written with."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,3 +46,24 @@ CODECS = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-zstd")
 def rows_per_chunk(row_bytes: int) -> int:
     """Rows of a 2-D/3-D array per inner chunk so that a chunk holds about CHUNK_BYTES."""
     return max(1, CHUNK_BYTES // max(1, row_bytes))
+
+
+def complete_slides(store: Path) -> dict[str, dict[str, Any]]:
+    """slide id -> attrs of every slide group on disk that is marked complete.
+
+    Read straight from each group's zarr.json, so that a store left behind by a killed convert
+    (no consolidated metadata, maybe a half-written group) still lists exactly its complete
+    slides; an unreadable group is simply not complete.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    folder = Path(store) / SLIDES
+    if not folder.is_dir():
+        return done
+    for child in sorted(folder.iterdir()):
+        try:
+            attrs = json.loads((child / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(attrs, dict) and attrs.get("complete") is True:
+            done[child.name] = attrs
+    return done

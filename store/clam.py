@@ -20,10 +20,12 @@ __all__ = [
     "ClamError",
     "CoordsFile",
     "FeatureDir",
+    "index_dir",
     "read_coords",
     "write_coords",
     "find_coords_dir",
     "read_feature_files",
+    "where",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,20 +97,35 @@ def _check_coords(coords: np.ndarray, what: str) -> np.ndarray:
     return coords.astype(np.int64)
 
 
+def where(path: Path) -> str:
+    """`folder/file` of a CLAM file: enough to find it, short enough for a one-line message."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def _check_file(path: Path) -> None:
+    # a dangling link (cohort moved) or a folder named like a slide must be reported, not skipped
+    if not path.is_file():
+        kind = "broken symbolic link" if path.is_symlink() else "not a regular file"
+        raise ClamError(f"{where(path)}: unreadable ({kind})")
+    if path.stat().st_size == 0:
+        raise ClamError(f"{where(path)}: empty file (0 bytes)")
+
+
 def read_coords(path: Path) -> CoordsFile:
     """Read a CLAM coordinates file (`patches/<slide_id>.h5`, dataset `coords`)."""
+    _check_file(path)
     try:
         with h5py.File(path, "r") as f:
             if "coords" not in f:
-                raise ClamError(f"{path.name}: no 'coords' dataset")
+                raise ClamError(f"{where(path)}: no 'coords' dataset")
             dset = f["coords"]
             coords = dset[()]
             attrs = _h5_attrs(dset, f)
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ClamError(f"{path.name}: unreadable or truncated h5 ({_short(exc)})") from None
-    return CoordsFile(_check_coords(np.asarray(coords), f"{path.name} coords"), attrs)
+        raise ClamError(f"{where(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+    return CoordsFile(_check_coords(np.asarray(coords), f"{where(path)} coords"), attrs)
 
 
 def write_coords(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
@@ -123,8 +140,11 @@ def write_coords(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> No
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
+    """First sentence of an exception message: torch and h5py append paragraphs of advice."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def find_coords_dir(path: Path) -> Path:
@@ -137,22 +157,17 @@ def find_coords_dir(path: Path) -> Path:
     raise ClamError(f"coords directory {path} does not exist")
 
 
-def _index_dir(folder: Path, suffix: str) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """Map slide id -> file; report ids that only differ in case (duplicates on many FS)."""
-    files: dict[str, Path] = {}
-    seen: dict[str, str] = {}
-    duplicates: list[tuple[str, str]] = []
+def index_dir(folder: Path, suffix: str) -> dict[str, list[Path]]:
+    """slide id (file stem) -> its files in `folder` with `suffix` (any case).
+
+    Every entry counts, also broken links and non-files, so that the reader can say why it
+    cannot use them; more than one file per id (`A.pt`, `A.PT`) is a duplicate.
+    """
+    files: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.suffix.lower() != suffix:
-            continue
-        sid = p.stem
-        key = sid.casefold().strip()
-        if key in seen:
-            duplicates.append((sid, f"duplicate slide id: {p.name} and {seen[key]} in {folder}"))
-            continue
-        seen[key] = p.name
-        files[sid] = p
-    return files, duplicates
+        if p.suffix.lower() == suffix:
+            files.setdefault(p.stem, []).append(p)
+    return files
 
 
 @dataclass
@@ -166,9 +181,8 @@ class FeatureDir:
     root: Path
     pt_dir: Path | None
     h5_dir: Path | None
-    pt: dict[str, Path]
-    h5: dict[str, Path]
-    duplicates: list[tuple[str, str]]
+    pt: dict[str, list[Path]]
+    h5: dict[str, list[Path]]
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureDir:
@@ -187,40 +201,46 @@ class FeatureDir:
             h5_dir = root / "h5_files" if (root / "h5_files").is_dir() else None
         if pt_dir is None and h5_dir is None:
             raise ClamError(f"{root}: neither pt_files/ nor h5_files/ found")
-        pt, dup_pt = _index_dir(pt_dir, ".pt") if pt_dir else ({}, [])
-        h5, dup_h5 = _index_dir(h5_dir, ".h5") if h5_dir else ({}, [])
-        return cls(root, pt_dir, h5_dir, pt, h5, dup_pt + dup_h5)
+        pt = index_dir(pt_dir, ".pt") if pt_dir else {}
+        h5 = index_dir(h5_dir, ".h5") if h5_dir else {}
+        return cls(root, pt_dir, h5_dir, pt, h5)
 
     @property
     def slide_ids(self) -> set[str]:
         return set(self.pt) | set(self.h5)
 
-    def sources(self, slide_id: str) -> list[Path]:
-        return [p for p in (self.pt.get(slide_id), self.h5.get(slide_id)) if p is not None]
+    def files(self, slide_id: str) -> tuple[Path | None, Path | None]:
+        """(pt, h5) of a slide; None where absent (the caller reports duplicates first)."""
+        pt, h5 = self.pt.get(slide_id), self.h5.get(slide_id)
+        return (pt[0] if pt else None), (h5[0] if h5 else None)
 
     def peek_dim(self, slide_id: str) -> int | None:
         """Feature dim without reading the data (None when unreadable)."""
+        pt, h5 = self.files(slide_id)
         try:
-            if slide_id in self.h5:
-                with h5py.File(self.h5[slide_id], "r") as f:
-                    return int(f["features"].shape[-1])
-            t = torch.load(self.pt[slide_id], map_location="cpu", mmap=True, weights_only=True)
-            return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.ndim >= 1 else None
+            if pt is not None:  # the copy that is read; mmap reads only the header
+                t = torch.load(pt, map_location="cpu", mmap=True, weights_only=True)
+                return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.ndim >= 1 else None
+            with h5py.File(h5, "r") as f:
+                return int(f["features"].shape[-1])
         except Exception:  # noqa: BLE001 - a peek; the real read reports the reason
             return None
-
-    def read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """Features [N, D] and the h5 copy's coords [N, 2] (None without an h5 copy)."""
-        return read_feature_files(self.pt.get(slide_id), self.h5.get(slide_id))
 
 
 def read_feature_files(pt: Path | None, h5: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Features [N, D] (from `pt` when given, else `h5`) and the h5 copy's coords or None."""
     if pt is None and h5 is None:
         raise ClamError("no feature file")
-    h5_features, h5_coords = _read_h5_features(h5, need=pt is None) if h5 is not None else (None, None)
-    features = _read_pt(pt) if pt is not None else h5_features
-    assert features is not None
+    if h5 is None:
+        return _read_pt(pt), None
+    h5_features, h5_shape, h5_coords = _read_h5_features(h5, need=pt is None)
+    if pt is None:
+        return h5_features, h5_coords
+    features = _read_pt(pt)
+    # CLAM writes both copies from one pass; differing shapes mean they come from different runs
+    if tuple(features.shape) != h5_shape:
+        raise ClamError(f"{where(pt)} is {list(features.shape)} but {where(h5)} holds features "
+                        f"{list(h5_shape)}: the two copies differ")
     return features, h5_coords
 
 
@@ -235,36 +255,36 @@ def _check_features(x: np.ndarray, what: str) -> np.ndarray:
 
 
 def _read_pt(path: Path) -> np.ndarray:
-    if path.stat().st_size == 0:
-        raise ClamError(f"{path.name}: empty file (0 bytes)")
+    _check_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ClamError(f"{path.name}: unreadable or truncated .pt ({_short(exc)})") from None
+        raise ClamError(f"{where(path)}: unreadable or truncated .pt ({_short(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-        raise ClamError(f"{path.name}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
+        raise ClamError(f"{where(path)}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
     if not isinstance(obj, torch.Tensor):
-        raise ClamError(f"{path.name}: holds a {type(obj).__name__}, expected a tensor [N, D]")
+        raise ClamError(f"{where(path)}: holds a {type(obj).__name__}, expected a tensor [N, D]")
     if obj.dtype == torch.bfloat16:
         obj = obj.float()
-    return _check_features(obj.numpy(), path.name)
+    return _check_features(obj.numpy(), where(path))
 
 
-def _read_h5_features(path: Path, need: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if path.stat().st_size == 0:
-        raise ClamError(f"{path.name}: empty file (0 bytes)")
+def _read_h5_features(path: Path, need: bool) -> tuple[np.ndarray | None, tuple[int, ...], np.ndarray | None]:
+    """(features if `need`, the features' shape, coords or None) of an `h5_files/` file."""
+    _check_file(path)
     try:
         with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise ClamError(f"{where(path)}: no 'features' dataset")
             coords = f["coords"][()] if "coords" in f else None
-            if need and "features" not in f:
-                raise ClamError(f"{path.name}: no 'features' dataset")
+            shape = tuple(f["features"].shape)
             features = f["features"][()] if need else None
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ClamError(f"{path.name}: unreadable or truncated h5 ({_short(exc)})") from None
+        raise ClamError(f"{where(path)}: unreadable or truncated h5 ({_short(exc)})") from None
     if features is not None:
-        features = _check_features(np.asarray(features), path.name)
+        features = _check_features(np.asarray(features), where(path))
     if coords is not None:
-        coords = _check_coords(np.asarray(coords), f"{path.name} coords")
-    return features, coords
+        coords = _check_coords(np.asarray(coords), f"{where(path)} coords")
+    return features, shape, coords

@@ -6,6 +6,9 @@ end) are read by a small direct path: whole chunks are decoded by a thread pool 
 one preallocated output (casting float16 -> float32 in the same pass), which is several times
 faster than zarr's generic pipeline for this access pattern. Any other layout falls back to
 zarr itself; tests prove both paths return the same arrays.
+
+The direct path does not recompute the crc32c of each chunk (that would cost about as much as
+the read itself); `dsca-store verify` reads every chunk through zarr, which does.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import zarr
 import zarr.codecs as zc
 
 from dsca.coords import patient_grid
-from dsca.store._layout import FORMAT, SLIDES
+from dsca.store._layout import FORMAT, SLIDES, complete_slides
 
 __all__ = ["FeatureStore", "SlideData", "PatientData", "StoreError"]
 
@@ -198,14 +201,16 @@ class FeatureStore:
         self.attrs: dict[str, Any] = dict(root.attrs)
         if self.attrs.get("format") != FORMAT:
             raise StoreError(f"{path}: not a {FORMAT} store (format={self.attrs.get('format')!r})")
-        self._slides = root[SLIDES]
-        self._slide_attrs: dict[str, dict[str, Any]] = {}
         self._arrays: dict[tuple[str, str], tuple[zarr.Array, _Layout | None]] = {}
-        self._groups = dict(self._slides.groups())
-        for sid, group in self._groups.items():
-            attrs = dict(group.attrs)
-            if attrs.get("complete") is True:  # a slide is only read once convert finished it
-                self._slide_attrs[sid] = attrs
+        # a slide is only read once convert finished it (attrs "complete")
+        if root.metadata.consolidated_metadata is not None:
+            # what convert consolidated at its end: no file read per slide
+            self._slide_attrs = {sid: dict(g.attrs) for sid, g in root[SLIDES].groups()
+                                 if g.attrs.get("complete") is True}
+        else:
+            # a convert is running or was killed: zarr's listing would fail on a half-written
+            # group, so list the complete ones from their own zarr.json
+            self._slide_attrs = complete_slides(path)
         self.slide_ids: list[str] = sorted(self._slide_attrs)
 
     @classmethod
@@ -255,7 +260,7 @@ class FeatureStore:
         key = (slide_id, name)
         if key not in self._arrays:
             self._check(slide_id)
-            arr = self._groups[slide_id][name]
+            arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
             layout = None
             if isinstance(self._root.store, zarr.storage.LocalStore):
                 layout = _direct_layout(arr, self.path / SLIDES / slide_id / name)

@@ -45,7 +45,9 @@ def plain_square_rows(sd, pre, x20, cfg: ModelConfig):
         sq = F.pad(sq, [lo, hi, lo, hi])
         sq = F.conv2d(sq, sd[pre + "conv.depthwise_conv.conv.weight"], None, groups=D)
         y = F.conv2d(
-            sq, sd[pre + "conv.pointwise_conv.conv.weight"], sd[pre + "conv.pointwise_conv.conv.bias"]
+            sq,
+            sd[pre + "conv.pointwise_conv.conv.weight"],
+            sd[pre + "conv.pointwise_conv.conv.bias"],
         )
     else:
         y = F.conv2d(sq, sd[pre + "conv.weight"], sd[pre + "conv.bias"], padding=(k - 1) // 2)

@@ -86,7 +86,9 @@ def _run(model, sd, x20, x5, coords):
     ],
     ids=["W_q", "W_k", "W_v", "b_k", "b_v"],
 )
-def test_cross_attention_qkv_slices_act_where_they_belong(reference_cfg, reference_sd, part, rows, changes):
+def test_cross_attention_qkv_slices_act_where_they_belong(
+    reference_cfg, reference_sd, part, rows, changes
+):
     """Each q/k/v slice of the packed in-projection affects exactly what it should:
     W_v/b_v leave the attention map alone; b_k only shifts the raw logits (it cancels in the
     softmax), so it changes neither the probabilities nor the prediction."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsca.layers import (
+    _M_CHUNK,
     BlockConv2d,
     SeparableBlockConv2d,
     block_conv3x3,
@@ -37,7 +38,22 @@ def test_per_tap_block_conv_equals_conv2d_values_and_gradients(bias):
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     gout = torch.randn(ours.shape, generator=g, dtype=torch.float64)
     leaves = [t for t in (x, w, b) if t is not None]
-    for a, r in zip(torch.autograd.grad(ours, leaves, gout), torch.autograd.grad(ref, leaves, gout)):
+    ours_g, ref_g = torch.autograd.grad(ours, leaves, gout), torch.autograd.grad(ref, leaves, gout)
+    for a, r in zip(ours_g, ref_g):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_block_conv_over_several_chunks_of_blocks():
+    """More blocks than one pass handles (_M_CHUNK): chunk seams must not show."""
+    g = torch.Generator().manual_seed(2)
+    M = _M_CHUNK + 3
+    x = torch.randn(M, 16, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    ours, ref = block_conv3x3(x, w, None), _rows(F.conv2d(_squares(x), w, None, padding=1))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    ours_g, ref_g = torch.autograd.grad(ours, (x, w), gout), torch.autograd.grad(ref, (x, w), gout)
+    for a, r in zip(ours_g, ref_g):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 

@@ -35,22 +35,33 @@ def _set_h5(path: Path, name: str, data: np.ndarray) -> None:
         f.create_dataset(name, data=data)
 
 
-# defect name -> (what it does to its slide, a fragment of the expected message)
+# defect name -> a fragment of the expected message (the slide id starts the line)
 EXPECTED = {
     "x20_rows": "x20 features have",
     "coord_rows": "x5 features have",
     "level_dims": "feature dims differ between levels",
     "slide_dims": "differs from the cohort's 32",
-    "nan": "NaN/Inf",
-    "h5_coords": "x5 h5_files coords disagree with the x5 coords file",
+    "nan": "x5 features contain 1 NaN/Inf values (first at row 3)",
+    "h5_coords": "x5 h5_files/{s}.h5 coords disagree with the x5 coords file patches/{s}.h5",
+    "x20_h5_coords": "x20 h5_files/{s}.h5 coords disagree with the x20 coords file patches/{s}.h5 (first at row 5",
     "naive_offsets": "old big_to_small_patching convention",
-    "truncated_pt": "unreadable or truncated .pt",
-    "corrupt_h5": "unreadable or truncated h5",
-    "empty_pt": "empty file (0 bytes)",
-    "label_duplicate": "duplicate slide id in",
-    "case_duplicate": "duplicate slide id:",
+    "truncated_pt": "x20 features: pt_files/{s}.pt: unreadable or truncated .pt",
+    "corrupt_h5": "x5 coords: patches/{s}.h5: unreadable or truncated h5",
+    "empty_pt": "x5 features: pt_files/{s}.pt: empty file (0 bytes)",
+    "empty_coords": "x20 coords: patches/{s}.h5: empty file (0 bytes)",
+    "broken_link": "x5 features: pt_files/{s}.pt: unreadable (broken symbolic link)",
+    "copies_differ": "the two copies differ",
+    "float16_overflow": "x20 features reach 1e+06, beyond float16's range",
+    "label_duplicate": "duplicate slide id in synth_path_full.csv",
+    "case_duplicate": "duplicate slide id, differing only in case",
     "missing_x20": "missing x20 features",
 }
+
+
+def _drop_h5(*paths: Path) -> None:
+    """Leave the slide with pt_files only (as many cohorts are), so the .pt alone is damaged."""
+    for path in paths:
+        path.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -64,30 +75,41 @@ def damaged(synth_cohort, tmp_path_factory):
     good = sids[len(EXPECTED):]
     assert len(good) >= 5
 
+    def h5(f: Path, s: str) -> Path:
+        return f / "h5_files" / f"{s}.h5"
+
     s = bad["x20_rows"]
     _save_pt(f20 / "pt_files" / f"{s}.pt", _pt(f20 / "pt_files" / f"{s}.pt")[:-16])
+    _drop_h5(h5(f20, s))
     s = bad["coord_rows"]
     _save_pt(f5 / "pt_files" / f"{s}.pt", _pt(f5 / "pt_files" / f"{s}.pt")[:-1])
+    _drop_h5(h5(f5, s))
     s = bad["level_dims"]
     _save_pt(f20 / "pt_files" / f"{s}.pt", _pt(f20 / "pt_files" / f"{s}.pt")[:, :31])
+    _drop_h5(h5(f20, s))
     s = bad["slide_dims"]
     for f in (f5, f20):
         x = _pt(f / "pt_files" / f"{s}.pt")
         _save_pt(f / "pt_files" / f"{s}.pt", np.concatenate([x, x[:, :16]], axis=1))
-        (f / "h5_files" / f"{s}.h5").unlink()
+        _drop_h5(h5(f, s))
     s = bad["nan"]
     x = _pt(f5 / "pt_files" / f"{s}.pt")
     x[3, 5] = np.nan
     _save_pt(f5 / "pt_files" / f"{s}.pt", x)
     s = bad["h5_coords"]
-    with h5py.File(f5 / "h5_files" / f"{s}.h5", "r") as f:
+    with h5py.File(h5(f5, s), "r") as f:
         coords = f["coords"][()]
-    _set_h5(f5 / "h5_files" / f"{s}.h5", "coords", coords[::-1].copy())
+    _set_h5(h5(f5, s), "coords", coords[::-1].copy())
+    s = bad["x20_h5_coords"]
+    with h5py.File(h5(f20, s), "r") as f:
+        coords = f["coords"][()]
+    coords[5] += 7
+    _set_h5(h5(f20, s), "coords", coords)
     s = bad["naive_offsets"]
     low = read_coords(c5 / f"{s}.h5")
     naive = align_coords(low.coords, 256, np.ones(2))
     _set_h5(c20 / f"{s}.h5", "coords", naive)
-    _set_h5(f20 / "h5_files" / f"{s}.h5", "coords", naive)
+    _set_h5(h5(f20, s), "coords", naive)
     s = bad["truncated_pt"]
     p = f20 / "pt_files" / f"{s}.pt"
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
@@ -98,6 +120,20 @@ def damaged(synth_cohort, tmp_path_factory):
     p.write_bytes(bytes(data))
     s = bad["empty_pt"]
     (f5 / "pt_files" / f"{s}.pt").write_bytes(b"")
+    s = bad["empty_coords"]
+    (c20 / f"{s}.h5").write_bytes(b"")
+    s = bad["broken_link"]  # the features were moved away: a dangling link, no h5 copy
+    (f5 / "pt_files" / f"{s}.pt").unlink()
+    (f5 / "pt_files" / f"{s}.pt").symlink_to(root / "moved-away" / f"{s}.pt")
+    _drop_h5(h5(f5, s))
+    s = bad["copies_differ"]  # h5_files from another run than pt_files
+    with h5py.File(h5(f5, s), "r") as f:
+        features = f["features"][()]
+    _set_h5(h5(f5, s), "features", features[:-2])
+    s = bad["float16_overflow"]  # fine as float32, not representable in the default float16
+    x = _pt(f20 / "pt_files" / f"{s}.pt")
+    x[7, 1] = 1e6
+    _save_pt(f20 / "pt_files" / f"{s}.pt", x)
     labels = pd.read_csv(root / "synth_path_full.csv", dtype=str)
     s = bad["label_duplicate"]
     labels = pd.concat([labels, pd.DataFrame([{"pathology_id": s, "patient_id": "SYN-9999", "e": "1", "t": "5"}])])
@@ -105,9 +141,8 @@ def damaged(synth_cohort, tmp_path_factory):
                                                "e": "0", "t": "100"}])])
     labels.to_csv(root / "synth_path_full.csv", index=False)
     s = bad["case_duplicate"]
-    # the same slide once more under a name that differs only in case
+    # a stray copy under a name that differs only in case: both ids are ambiguous
     shutil.copy(f5 / "pt_files" / f"{good[0]}.pt", f5 / "pt_files" / f"{s.lower()}.pt")
-    bad["case_duplicate"] = s.lower()
     s = bad["missing_x20"]
     (f20 / "pt_files" / f"{s}.pt").unlink()
     (f20 / "h5_files" / f"{s}.h5").unlink()
@@ -123,22 +158,26 @@ def damaged(synth_cohort, tmp_path_factory):
 @pytest.mark.parametrize("defect", list(EXPECTED))
 def test_bad_slide_named_with_reason(damaged, defect):
     bad, _, _, run = damaged
-    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{bad[defect]}: ")]
+    sid = bad[defect]
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{sid}: ")]
     assert len(lines) == 1, run.stderr
-    assert EXPECTED[defect] in lines[0]
+    assert EXPECTED[defect].format(s=sid) in lines[0], lines[0]
 
 
 def test_good_slides_converted_and_exit_nonzero(damaged):
     bad, good, out, run = damaged
     assert run.returncode == 1, run.stderr
     fs = FeatureStore.open(out)
-    assert fs.slide_ids == sorted(good + [bad["case_duplicate"].upper()])  # the first of a case pair is kept
-    assert not set(fs.slide_ids) & {v for k, v in bad.items() if k != "case_duplicate"}
+    assert fs.slide_ids == sorted(good)
     # no half-written output: nothing on disk for the bad slides
-    on_disk = {p.name for p in (out / "slides").iterdir() if p.is_dir()}
-    assert on_disk == set(fs.slide_ids)
+    on_disk = {p.name for p in (out / "slides").iterdir()}
+    assert on_disk == set(fs.slide_ids) | {"zarr.json"}
+    lowercase = bad["case_duplicate"].lower()
+    assert any(line.startswith(f"{lowercase}: duplicate slide id") for line in run.stderr.splitlines())
     assert "SYN-8888-01Z-00-DX1: listed in the labels CSV but has no feature files (missing)" in run.stderr
-    assert f"failed {len(bad)}, missing 1" in run.stdout
+    # one line per failure, nothing else (no tracebacks, no warnings)
+    assert len(run.stderr.strip().splitlines()) == len(bad) + 2, run.stderr
+    assert f"failed {len(bad) + 1}, missing 1" in run.stdout
 
 
 def test_unusable_directories_fail_the_run(tmp_path, synth_cohort):
