@@ -161,9 +161,22 @@ def block_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         bias: [C] or None.
 
     Returns:
-        [M, 16, C], equal to ``conv2d`` on the [M, D, 4, 4] square view.
+        [M, 16, C], equal to ``conv2d`` on the [M, D, 4, 4] square view. Under autocast the
+        products run in the autocast dtype.
     """
-    return _BlockConv3x3.apply(x, weight, bias)
+    return _apply_autocast(_BlockConv3x3.apply, x, weight, bias)
+
+
+def _apply_autocast(fn, *args):
+    """Run a custom autograd function under autocast: its in-place/``out=`` products are not
+    autocast by torch, so cast the floating inputs to the autocast dtype up front."""
+    device = next(a for a in args if isinstance(a, Tensor)).device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(*args)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    with torch.autocast(device, enabled=False):
+        return fn(*cast)
 
 
 class BlockConv2d(nn.Conv2d):
@@ -520,7 +533,8 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, training: bool)
     if not training and not needs_grad:
         return F.scaled_dot_product_attention(q, k, v)
     B, H, N, e = q.shape
-    out = _DropoutAttention.apply(
+    out = _apply_autocast(
+        _DropoutAttention.apply,
         q.reshape(B * H, N, e), k.reshape(B * H, N, e), v.reshape(B * H, N, e),
         p if training else 0.0,
     )

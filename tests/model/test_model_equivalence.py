@@ -146,3 +146,23 @@ def test_x5_row_order_matters_and_x20_blocks_follow_their_patch():
         c = model(x20p, x5, coords)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_training_step_under_bf16_autocast():
+    """AMP: the custom autograd pieces run in the autocast dtype and gradients reach every
+    parameter in float32."""
+    cfg, model, _ = _build({"dropout": 0.0})
+    model.pool.fc1[2].p = model.pool.score[2].p = 0.0  # GAPool's own dropout: off for the check
+    x20, x5, coords = _inputs(B=1, N=5, D=32)
+    with torch.no_grad():
+        ref = model(x20, x5, coords)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x20, x5, coords)
+    out.float().sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+        # (the bias before the pooling softmax shifts every logit: its gradient is exactly 0)
+        assert p.grad.abs().sum() > 0 or name == "pool.fc2.bias", name

@@ -1,6 +1,7 @@
 """Resume, --overwrite, kill -9 mid-convert, and `verify` catching damage."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -43,8 +44,25 @@ def test_resume_skips_complete_and_overwrite_redoes(synth_cohort, tmp_path):
     assert verify_store(out, progress=False).ok
     third = _convert(synth_cohort, out, overwrite=True)
     assert sorted(third.converted) == sorted(first.converted) and not third.skipped
-    with pytest.raises(ConvertError, match="holds float16 features, asked for float32"):
-        _convert(synth_cohort, out, dtype="float32")
+    # a store holds one dtype: not even --overwrite mixes them (failed slides would keep the old one)
+    for overwrite in (False, True):
+        with pytest.raises(ConvertError, match="holds float16 features, asked for float32; convert into a new"):
+            _convert(synth_cohort, out, dtype="float32", overwrite=overwrite)
+    assert FeatureStore.open(out).dtype == np.float16
+
+
+def test_second_convert_into_a_busy_store_is_refused(synth_cohort, tmp_path):
+    out = tmp_path / "s.zarr"
+    _convert(synth_cohort, out)
+    # what a running convert holds (flock conflicts between two opens, also in one process)
+    fd = os.open(out / "slides", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ConvertError, match="being written by another convert"):
+            _convert(synth_cohort, out, overwrite=True)
+    finally:
+        os.close(fd)
+    assert verify_store(out, progress=False).ok
 
 
 def test_incomplete_slide_is_invisible_and_reported_by_verify(synth_cohort, tmp_path):
@@ -79,34 +97,64 @@ def test_verify_detects_flipped_bytes(synth_cohort, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_kill_9_mid_convert_leaves_only_true_completes(tmp_path):
-    # big enough slides that the kill lands while slides are being written
-    cohort = write_synthetic_cohort(tmp_path / "c", SynthSpec(patients=8, seed=3, dim=256, patches=400,
-                                                              h5_files=False), progress=False)
+def _slide_states(out: Path) -> dict[str, bool]:
+    """slide folder -> complete?, straight from each group's zarr.json (False if absent/partial)."""
+    states = {}
+    for folder in (out / "slides").iterdir() if (out / "slides").is_dir() else ():
+        if not folder.is_dir():
+            continue
+        try:
+            states[folder.name] = json.loads((folder / "zarr.json").read_text())["attributes"]["complete"] is True
+        except (OSError, ValueError, KeyError):
+            states[folder.name] = False
+    return states
+
+
+def test_kill_9_mid_slide_then_resume(tmp_path):
+    # slides of ~5 MB (float32) so that writing one takes long enough to be caught in the act
+    cohort = write_synthetic_cohort(tmp_path / "c", SynthSpec(patients=5, seed=3, dim=256, patches=300,
+                                                              multi_slide=0.0, h5_files=False), progress=False)
+    sources = {sid: torch.load(cohort.x20_features / "pt_files" / f"{sid}.pt").numpy() for sid in cohort.slide_ids}
     out = tmp_path / "s.zarr"
     cmd = [sys.executable, "-m", "dsca.cli.store_main", "-q", "convert", "--x5-features", str(cohort.x5_features),
-           "--x20-features", str(cohort.x20_features), "--x5-coords", str(cohort.x5_coords), "--out", str(out),
-           "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        slides = out / "slides"
-        if slides.is_dir() and sum(p.is_dir() for p in slides.iterdir()) >= 3:
+           "--x20-features", str(cohort.x20_features), "--x5-coords", str(cohort.x5_coords),
+           "--x20-coords", str(cohort.x20_coords), "--out", str(out), "--dtype", "float32"]
+    caught = None
+    for _ in range(4):  # each try resumes the previous one; stop once a kill lands mid-slide
+        before = {s for s, done in _slide_states(out).items() if done}
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            writing = [s for s, done in _slide_states(out).items() if not done]
+            if writing:  # a slide group exists that is not complete yet: kill now
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait()
+        states = _slide_states(out)
+        assert before <= {s for s, done in states.items() if done}  # nothing complete was lost
+        if any(not done for done in states.values()):
+            caught = states
             break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert caught is not None, "no kill landed while a slide was being written"
     fs = FeatureStore.open(out)
-    on_disk = [p.name for p in (out / "slides").iterdir() if p.is_dir()]
-    assert len(on_disk) >= 3 and len(fs.slide_ids) < len(cohort.slide_ids)
-    for sid in fs.slide_ids:  # whatever claims to be complete reads back exactly
-        s = fs.read_slide(sid)
-        np.testing.assert_array_equal(s.x20.reshape(-1, 256),
-                                      torch.load(cohort.x20_features / "pt_files" / f"{sid}.pt").numpy())
-    report = convert_cohort(x5_features=cohort.x5_features, x20_features=cohort.x20_features,
-                            x5_coords=cohort.x5_coords, out=out, dtype="float32", progress=False)
-    assert report.ok and len(report.converted) + len(report.skipped) == len(cohort.slide_ids)
+    # exactly the complete groups are visible, and each reads back exactly
+    assert fs.slide_ids == sorted(s for s, done in caught.items() if done)
+    for sid in fs.slide_ids:
+        np.testing.assert_array_equal(fs.read_slide(sid).x20.reshape(-1, 256), sources[sid])
+    problems = dict(verify_store(out, progress=False).problems)
+    assert {s for s, done in caught.items() if not done} <= set(problems)
+    # the rerun skips what is complete, redoes the rest, and leaves nothing half-written
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped {len(fs.slide_ids)} (already complete)" in rerun.stdout
+    assert _slide_states(out) == {sid: True for sid in cohort.slide_ids}
+    fs = FeatureStore.open(out)
+    assert fs.slide_ids == sorted(cohort.slide_ids)
+    for sid in fs.slide_ids:
+        np.testing.assert_array_equal(fs.read_slide(sid).x20.reshape(-1, 256), sources[sid])
     assert verify_store(out, progress=False).ok
+    assert not list(out.rglob("*.partial")), list(out.rglob("*.partial"))  # no temp files of zarr atomic writes left
 
 
 def test_cli_synth_convert_verify_info(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """synth -> convert -> read: every array read back equals the source, in source order."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import zarr
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from dsca.coords import patient_grid
 from dsca.store import FeatureStore, PatientDataset, StoreError
@@ -100,27 +102,43 @@ def test_patient_reads_concatenate_in_given_order(synth_store):
         fs.read_patient(["no-such-slide"])
 
 
-def test_dataset_with_two_workers(synth_cohort, synth_store):
+def _tag_worker(sample):
+    """collate_fn: runs in the DataLoader worker that loaded `sample`; says which one."""
+    info = get_worker_info()
+    return sample, (info.id if info is not None else None), os.getpid()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataset_with_two_workers(synth_cohort, synth_store, context):
     patients = _labels(synth_cohort.labels_csv)
     df = pd.read_csv(synth_cohort.labels_csv, dtype={"patient_id": str}).groupby("patient_id").first()
     labels = pd.DataFrame({"t": df.t, "e": df.e, "y_t": df.t % 4, "y_c": 1 - df.e}).astype(float)
     ds = PatientDataset(synth_store, patients, labels=labels)
-    FeatureStore.open(synth_store).read_slide(synth_cohort.slide_ids[0])  # the parent touches zarr first
-    seen = {}
-    for sample in DataLoader(ds, batch_size=None, num_workers=2, timeout=120):
+    # the parent touches zarr (its IO thread starts) before the workers fork
+    FeatureStore.open(synth_store).read_slide(synth_cohort.slide_ids[0])
+    seen, workers = {}, set()
+    loader = DataLoader(ds, batch_size=None, num_workers=2, timeout=120, collate_fn=_tag_worker,
+                        multiprocessing_context=context)
+    for sample, worker, pid in loader:
         seen[sample.patient_id] = sample
+        workers.add((worker, pid))
     assert sorted(seen) == sorted(patients)
+    # both workers really loaded patients, in processes other than this one
+    assert {w for w, _ in workers} == {0, 1} and os.getpid() not in {pid for _, pid in workers}
     pid = next(p for p, s in patients.items() if len(s) >= 2)
     s = seen[pid]
     direct = FeatureStore.open(synth_store).read_patient(patients[pid])
     assert s.x20.shape == (16 * len(s.x5), 32) and s.x20.dtype == torch.float32 and s.coords.dtype == torch.int64
     # block-major flattening: row 16*i + 4*r + c is sub-patch (c, r) of block i
     np.testing.assert_array_equal(s.x20.numpy()[16 * 3 + 4 * 2 + 1], direct.x20[3, 4 * 2 + 1])
+    np.testing.assert_array_equal(s.x20.numpy(), direct.x20.reshape(-1, 32))
+    np.testing.assert_array_equal(s.x5.numpy(), direct.x5)
     np.testing.assert_array_equal(s.coords.numpy(), direct.coords)
     np.testing.assert_array_equal(s.label.numpy(), labels.loc[pid, ["t", "e", "y_t", "y_c"]].to_numpy(np.float32))
-    assert torch.isnan(PatientDataset(synth_store, patients)[0].label).all()
-    half = PatientDataset(synth_store, patients, dtype=torch.float16)[0]
-    assert half.x5.dtype == torch.float16
+    if context == "fork":
+        assert torch.isnan(PatientDataset(synth_store, patients)[0].label).all()
+        half = PatientDataset(synth_store, patients, dtype=torch.float16)[0]
+        assert half.x5.dtype == torch.float16
 
 
 def test_info_and_verify_on_clean_store(synth_cohort, synth_store):
