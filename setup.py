@@ -27,7 +27,7 @@ setup(
         # Accepts the CPU build that lies on the developers' disk (2.13) and newer CUDA builds.
         "torch>=2.4",
         "triton>=3.0",
-        "zarr>=3.0.8,<4",
+        "zarr>=3.1,<4",  # atomic metadata writes + fork handling the store relies on
         "numcodecs>=0.15",
         "nystrom-attention>=0.0.11",
         "einops>=0.7",

@@ -22,7 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsca.config import ConfigError, load_config
-    from dsca.labels import LabelError
     from dsca.train import train_cross_validation
 
     try:
@@ -32,12 +31,10 @@ def run(args: argparse.Namespace) -> int:
         if out is None:
             raise ConfigError(f"{args.config}: no output directory: pass --out or set save_path")
         report = train_cross_validation(cfg, out, folds=folds, device=args.device, resume=args.resume)
-    except (ConfigError, LabelError, FileNotFoundError, KeyError, RuntimeError) as err:
+    # ConfigError and LabelError are ValueErrors; a KeyError's message is its first argument
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dsca train: error: {msg}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"dsca train: error: {err}", file=sys.stderr)
         return 2
     s = report["summary"]
     print(f"test C-index {s['test_cindex_mean']:.3f} +- {s['test_cindex_std']:.3f} "

@@ -43,7 +43,9 @@ class TrainConfig:
 
     Model fields live in ``model`` (a ``dsca.model.ModelConfig``); the rest are the reference
     keys of the same names with these additions: ``store``, ``labels``, ``splits`` (a pattern
-    with ``{}`` or a list of files), ``folds``, ``bin_cut`` ("cohort" = cut-points on all
+    with ``{}`` or a list of files), ``folds``, ``last_group`` ("drop" = the last, incomplete
+    group of ``bp_every_iters`` patients of an epoch is not back-propagated, as the reference;
+    "step" = it is, with its own mean loss), ``bin_cut`` ("cohort" = cut-points on all
     patients as the reference, or "train" = on each fold's training patients), ``cox_ties``,
     ``device`` ("auto", "cpu", "cuda", "cuda:1"), ``amp`` ("auto", "bf16", "fp16", "off";
     CUDA only), ``eval_bootstrap`` (C-index CI resamples), ``num_threads`` (CPU threads,
@@ -66,6 +68,7 @@ class TrainConfig:
     epochs: int = 150
     batch_size: int = 1
     bp_every_iters: int = 16
+    last_group: str = "drop"
     num_workers: int = 0
     monitor_metrics: str = "loss"
     es_patience: int | None = 30
@@ -263,6 +266,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"{s}: batch_size must be 1 (patients have different numbers of patches)")
     if cfg.bp_every_iters < 1:
         raise ConfigError(f"{s}: bp_every_iters must be >= 1")
+    if cfg.last_group not in ("drop", "step"):
+        raise ConfigError(f"{s}: last_group must be 'drop' or 'step', got {cfg.last_group!r}")
     if cfg.bin_cut not in ("cohort", "train"):
         raise ConfigError(f"{s}: bin_cut must be 'cohort' or 'train', got {cfg.bin_cut!r}")
     if cfg.cox_ties not in ("efron", "breslow"):

@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dsca.kernels import capool
+from dsca.kernels.reference import key_directions, scaled_query
 
 __all__ = [
     "AvgPoolEmbedding",
@@ -338,13 +339,11 @@ def cross_attention_logits(rows: Tensor, query: Tensor, mha: nn.MultiheadAttenti
     Returns:
         [M, H, 16].
     """
-    H = mha.num_heads
     C = query.shape[-1]
-    w_q, w_k, _ = mha.in_proj_weight.chunk(3)
-    b_q, b_k, _ = mha.in_proj_bias.chunk(3)
-    u = rearrange(F.linear(query, w_q, b_q), "m (h d) -> m h d", h=H) / math.sqrt(C // H)
-    k_dir = torch.einsum("mhd,hdc->mhc", u, rearrange(w_k, "(h d) c -> h d c", h=H))
-    const = torch.einsum("mhd,hd->mh", u, rearrange(b_k, "(h d) -> h d", h=H))
+    u = scaled_query(query, mha.in_proj_weight, mha.in_proj_bias, mha.num_heads)  # [M, H, d]
+    k_dir = key_directions(u, mha.in_proj_weight)  # [M, H, C]
+    b_k = rearrange(mha.in_proj_bias[C : 2 * C], "(h d) -> h d", h=mha.num_heads)
+    const = torch.einsum("mhd,hd->mh", u, b_k)
     return torch.einsum("mhc,mjc->mhj", k_dir, rows) + const.unsqueeze(-1)
 
 

@@ -475,8 +475,9 @@ def count_macs(
     k = cfg.emb_x20_ksize
     macs: dict[str, int] = {}
     if cfg.needs_x20:
-        # tap-positions per block: all k*k*16 when zero-padded, only real ones otherwise
-        taps = 16 * k * k if formulation == "plain" or k == 1 else 100
+        # tap-positions per block: all k*k*16 when zero-padded (the plain way, and our
+        # depthwise conv, which is a padded grouped conv2d), only the 100 real ones otherwise
+        taps = 100 if formulation == "ours" and k == 3 and not cfg.emb_x20_dw_conv else 16 * k * k
         if cfg.emb_x20_dw_conv:
             macs["x20_conv"] = N * taps * D + N * 16 * D * C
         else:

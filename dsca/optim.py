@@ -5,7 +5,11 @@ normalisation weights (parameters with fewer than 2 dimensions).
 
 Lookahead (Zhang et al., 2019) keeps a slow copy of the weights; every ``k`` steps of the inner
 optimizer it moves the slow weights ``alpha`` of the way to the fast ones and restarts the
-fast weights from there. Defaults ``k=6, alpha=0.5`` are timm's, which the reference uses.
+fast weights from there. Defaults ``k=6, alpha=0.5`` are timm's, which the reference uses, and
+so is timm's start: a parameter's slow copy is taken at its first synchronisation (step k), not
+at construction, so the first sync leaves the weights as they are and the slow weights only
+start pulling back from the second one (k=6: step 12) on. Parameters without a gradient at a
+synchronisation are left alone, as in timm.
 """
 from __future__ import annotations
 
@@ -38,18 +42,28 @@ class Lookahead(Optimizer):
         self.defaults = base.defaults
         self.state = base.state
         self._steps = 0
-        self._slow = [[p.detach().clone() for p in g["params"]] for g in base.param_groups]
+        # (group index, parameter index) -> slow copy, created at the parameter's first sync
+        self._slow: dict[tuple[int, int], torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = self.base.step(closure)
         self._steps += 1
         if self._steps % self.k == 0:
-            for group, slows in zip(self.param_groups, self._slow):
-                for p, slow in zip(group["params"], slows):
-                    slow.add_(p - slow, alpha=self.alpha)
-                    p.copy_(slow)
+            self._sync()
         return loss
+
+    def _sync(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                slow = self._slow.get((gi, pi))
+                if slow is None:
+                    self._slow[(gi, pi)] = p.detach().clone()
+                    continue  # slow == fast: moving half-way and copying back changes nothing
+                slow.add_(p - slow, alpha=self.alpha)
+                p.copy_(slow)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -58,17 +72,19 @@ class Lookahead(Optimizer):
         return {
             "base": self.base.state_dict(),
             "steps": self._steps,
-            "slow": [[s.clone() for s in slows] for slows in self._slow],
+            "slow": {f"{gi}.{pi}": s.clone() for (gi, pi), s in self._slow.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict["base"])
         self._steps = int(state_dict["steps"])
-        for slows, saved in zip(self._slow, state_dict["slow"]):
-            for slow, s in zip(slows, saved):
-                slow.copy_(s)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
+        self._slow = {}
+        for key, saved in state_dict["slow"].items():
+            gi, pi = map(int, key.split("."))
+            p = self.param_groups[gi]["params"][pi]
+            self._slow[(gi, pi)] = saved.to(device=p.device, dtype=p.dtype).clone()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

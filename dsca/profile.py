@@ -3,8 +3,9 @@
 For each top-level module of the network (and the whole model) it reports:
 wall time of forward and backward (module hooks, CUDA-synchronized, median of repeats),
 FLOPs (torch.utils.flop_counter, forward + backward; the Triton CAPool ops carry their own
-formula), achieved FLOP/s, activation memory saved for backward, and on CUDA the peak memory
-allocated while the module ran.
+formula), achieved FLOP/s, the forward multiply-accumulates of the model's analytic count
+(:func:`dsca.model.count_macs`, the formulation that runs), activation memory saved for
+backward, and on CUDA the peak memory allocated while the module ran.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class ModuleCost:
     flops: int = 0
     saved_mib: float = 0.0
     peak_mib: float | None = None
+    fwd_macs: int | None = None
 
     @property
     def total_ms(self) -> float:
@@ -198,11 +200,24 @@ class _Probe:
             self._handles.clear()
 
 
+def _flop_formula(packet: Any) -> Callable[..., int] | None:
+    """torch.utils.flop_counter's formula of an op; in-place variants (``addmm_``,
+    ``baddbmm_``: the block convolution's per-tap GEMMs and the encoder's chunked attention
+    backward) use their out-of-place formula, which torch's counter leaves out."""
+    formula = flop_registry.get(packet)
+    name = packet.__name__
+    if formula is None and name.endswith("_"):
+        base = getattr(torch.ops.aten, name[:-1], None)
+        formula = flop_registry.get(base) if base is not None else None
+    return formula
+
+
 class _FlopSlicer(TorchDispatchMode):
     """Counts each op's FLOPs with torch.utils.flop_counter's formulas into a :class:`_Probe`.
 
     (FlopCounterMode's own per-module split attributes backward ops to whichever modules its
-    tracker still holds open, which over-counts the embedding layers here.)
+    tracker still holds open, which over-counts the embedding layers here; and it does not
+    count in-place GEMMs, see :func:`_flop_formula`.)
     """
 
     def __init__(self, probe: _Probe) -> None:
@@ -214,10 +229,35 @@ class _FlopSlicer(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = _flop_formula(func._overloadpacket)
         if formula is not None:
             self.probe.add_flops(int(formula(*args, **kwargs, out_val=out)))
         return out
+
+
+def _module_macs(cfg: Any, n_patches: int) -> tuple[dict[str, int], int]:
+    """Forward MACs of :func:`dsca.model.count_macs` per top-level module name, and the total.
+
+    Args:
+        cfg: a ``dsca.model.ModelConfig``.
+    """
+    from dsca.model import count_macs
+
+    macs = count_macs(cfg, n_patches)
+    embed_x20 = macs.get("x20_conv", 0) + macs.get("x20_pool", 0)
+    enc = macs["encoders"]
+    if cfg.dual:
+        out = {"patchx20_embedding_layer": embed_x20,
+               "patchx5_embedding_layer": macs["x5_embedding"]}
+        if cfg.join == "post":  # two encoders of the same size
+            out["patch_encoder_layer"] = out["patch_encoder_layer_parallel"] = enc // 2
+        else:
+            out["patch_encoder_layer"] = enc
+    else:
+        out = {"patch_embedding_layer": embed_x20 + macs.get("x5_embedding", 0),
+               "patch_encoder_layer": enc}
+    out["pool"], out["out_layer"] = macs["pool"], macs["head"]
+    return out, macs["total"]
 
 
 def _loss(hazards: Tensor) -> Tensor:
@@ -226,7 +266,7 @@ def _loss(hazards: Tensor) -> Tensor:
 
 
 def profile_model(
-    model_cfg: Mapping[str, Any],
+    model_cfg: Mapping[str, Any] | Any,
     n_patches: int,
     device: str = "cpu",
     repeats: int = 3,
@@ -235,7 +275,8 @@ def profile_model(
     """Profile one forward+backward of ``build_model(model_cfg)`` on a synthetic patient.
 
     Args:
-        model_cfg: reference-style model keys (``dims``, ``capool_backend``, ...).
+        model_cfg: a ``dsca.model.ModelConfig`` or reference-style model keys (``dims``,
+            ``capool_backend``, ...).
         n_patches: N low-res patches (16N high-res rows).
         device: "cpu" or "cuda".
         repeats: timed passes after one warm-up pass (the warm-up compiles/autotunes kernels).
@@ -244,6 +285,7 @@ def profile_model(
         ValueError: bad config or arguments; RuntimeError: the CAPool backend cannot run here.
     """
     from dsca import build_model
+    from dsca.model import ModelConfig
 
     if n_patches < 1:
         raise ValueError(f"--n-patches must be >= 1, got {n_patches}")
@@ -252,15 +294,15 @@ def profile_model(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
     torch.manual_seed(seed)
-    model = build_model(dict(model_cfg)).to(dev)
+    model = build_model(cfg).to(dev)
     model.train()
-    backend = str(model_cfg.get("capool_backend", "auto"))
-    if backend in ("auto", "triton") and (backend == "triton" or dev.type == "cuda"):
+    backend = cfg.capool_backend
+    if backend == "triton" or (backend == "auto" and dev.type == "cuda"):
         # registers the Triton ops' FLOP formulas
         import dsca.kernels.triton_capool  # noqa: F401 - imported for its registrations
-    dims = tuple(getattr(getattr(model, "cfg", None), "dims", ()) or ())
-    in_dim = dims[0] if dims else next(p for p in model.parameters() if p.dim() >= 2).shape[-1]
+    in_dim = cfg.dims[0]
     batch = synthetic_bag(n_patches, in_dim, dev, seed)
     top = dict(model.named_children())
 
@@ -301,7 +343,8 @@ def profile_model(
     with flop_probe.attached(), _FlopSlicer(flop_probe):
         step(flop_probe)
 
-    report = ProfileReport(n_patches, dev.type, backend, dims, repeats)
+    report = ProfileReport(n_patches, dev.type, backend, cfg.dims, repeats)
+    macs, total_macs = _module_macs(cfg, n_patches)
     named = [*top.items(), (_Probe.OTHER, None)]
     for name, mod in named:
         report.modules.append(
@@ -313,6 +356,7 @@ def profile_model(
                 flops=flop_probe.flops[name],
                 saved_mib=runs[-1].saved[name] / 2**20,
                 peak_mib=runs[-1].peak[name] if dev.type == "cuda" and mod is not None else None,
+                fwd_macs=macs.get(name, 0) if mod is not None else 0,
             )
         )
     report.total = ModuleCost(
@@ -323,6 +367,7 @@ def profile_model(
         flops=sum(flop_probe.flops.values()),
         saved_mib=sum(runs[-1].saved.values()) / 2**20,
         peak_mib=total_peak,
+        fwd_macs=total_macs,
     )
     return report
 
@@ -344,23 +389,24 @@ def format_table(report: ProfileReport) -> str:
         f"capool_backend={report.backend}, median of {report.repeats}"
     )
     cols = (
-        f"{'module':<30} {'params':>9} {'fwd ms':>9} {'bwd ms':>9} {'FLOP':>11} {'FLOP/s':>12} "
-        f"{'saved MiB':>10} {'peak MiB':>9}"
+        f"{'module':<30} {'params':>9} {'fwd ms':>9} {'bwd ms':>9} {'fwd MAC':>10} {'FLOP':>11} "
+        f"{'FLOP/s':>12} {'saved MiB':>10} {'peak MiB':>9}"
     )
     lines = [head, cols, "-" * len(cols)]
     rows = [*report.modules, *([report.total] if report.total else [])]
     for i, m in enumerate(rows):
         if report.total is not None and i == len(rows) - 1:
             lines.append("-" * len(cols))
-        bwd = f"{m.bwd_ms:9.2f}"
         peak = "-" if m.peak_mib is None else f"{m.peak_mib:9.1f}"
+        macs = "-" if m.fwd_macs is None else _si(m.fwd_macs, "")
         lines.append(
-            f"{m.name:<30} {m.params:>9} {m.fwd_ms:>9.2f} {bwd:>9} {_si(m.flops, 'F'):>11} "
-            f"{_si(m.flops / (m.total_ms * 1e-3) if m.total_ms else math.nan, 'F/s'):>12} "
+            f"{m.name:<30} {m.params:>9} {m.fwd_ms:>9.2f} {m.bwd_ms:>9.2f} {macs:>10} "
+            f"{_si(m.flops, 'F'):>11} {_si(m.tflops_per_s * 1e12, 'F/s'):>12} "
             f"{m.saved_mib:>10.2f} {peak:>9}"
         )
     lines.append(
-        "FLOP/s = FLOP / (fwd + bwd time); saved = activations kept for backward; "
-        "peak = CUDA memory above the module's start"
+        "fwd MAC = analytic multiply-accumulates of the forward (dsca.model.count_macs); "
+        "FLOP = counted, fwd + bwd; FLOP/s = FLOP / (fwd + bwd time); saved = activations kept "
+        "for backward; peak = CUDA memory above the module's start"
     )
     return "\n".join(lines)

@@ -5,8 +5,11 @@ discrete NLL the group loss is a mean of per-patient terms, so each patient's te
 back-propagated at once, scaled by ``1 / group size``: the summed gradients equal those of the
 group's mean loss while only one patient's autograd graph is alive. The Cox partial likelihood
 couples the patients of a group through the risk set, so its outputs are held until the group
-is complete. Unlike the reference, which drops the last incomplete group of every epoch (up to
-15 patients unseen per epoch), the last group is stepped as well (scaled by its own size).
+is complete. When the training set is not a multiple of the group size, the last, incomplete
+group of an epoch is by default only forwarded (its outputs count for the training C-index) and
+never back-propagated, as in the reference (``last_group: drop``; the shuffle puts different
+patients there every epoch); ``last_group: step`` steps it too, its loss the mean over its own
+patients.
 
 Per epoch: train, evaluate the validation set, ReduceLROnPlateau and early stopping on the
 validation loss (alpha = 0), keep the best weights. After training the best weights are
@@ -28,9 +31,10 @@ import functools
 import itertools
 import json
 import logging
+import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dsca.config import TrainConfig
+from dsca.config import ConfigError, TrainConfig
 from dsca.labels import load_labels, patient_slides, rebin
 from dsca.losses import cox_nll, discrete_nll, l1_penalty, risk_score, survival_curve
 from dsca.metrics import evaluate_predictions
@@ -82,6 +86,14 @@ class _Outputs:
 
 @dataclass
 class _EarlyStop:
+    """Early stopping and best-checkpoint choice, with the reference's rules.
+
+    Before ``warmup`` epochs nothing is recorded. An epoch whose value is at least as good as
+    the best so far (ties included) becomes the best and resets the count of bad epochs; any
+    other epoch counts as bad. Training stops once ``patience`` bad epochs follow the best
+    one, but never at or before epoch ``start_epoch`` (0-based).
+    """
+
     patience: int | None
     warmup: int
     start_epoch: int
@@ -89,21 +101,24 @@ class _EarlyStop:
     best: float | None = None
     best_epoch: int = -1
     bad_epochs: int = 0
+    stopped: bool = False
 
     def update(self, epoch: int, value: float) -> bool:
         """Record an epoch's monitored value; True when it is the best so far."""
         if epoch < self.warmup:
             return False
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
+        worse = self.best is not None and (value > self.best if self.mode == "min" else value < self.best)
+        if not worse:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-        elif epoch >= self.start_epoch:
-            self.bad_epochs += 1
-        return better
+            return True
+        self.bad_epochs += 1
+        if self.patience is not None and self.bad_epochs >= self.patience and epoch > self.start_epoch:
+            self.stopped = True
+        return False
 
     @property
     def stop(self) -> bool:
-        return self.patience is not None and self.bad_epochs >= self.patience
+        return self.stopped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +127,14 @@ class _EarlyStop:
 
 def _collate_one(batch: list[Any]) -> Any:
     return batch[0]
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs: Any) -> DataLoader:
+    """One patient per item; ``num_workers`` capped at the CPUs this process may use (the
+    reference config asks for 8, which on a small machine only adds processes)."""
+    workers = min(cfg.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    return DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate_one, **kwargs)
 
 
 def _to_inputs(sample: Any, device: torch.device, position_emb: bool) -> tuple[torch.Tensor, ...]:
@@ -145,14 +168,15 @@ class _CachedDataset(Dataset):
 
 def build_fold_data(
     cfg: TrainConfig, labels: pd.DataFrame, fold: int, split_path: Path,
+    store_slides: Collection[str],
     cache: dict[tuple[str, tuple[float, ...]], Any] | None = None,
 ) -> FoldData:
-    """Read a fold's split, check it against labels and store, and build its datasets."""
-    from dsca.store import FeatureStore, PatientDataset
+    """Read a fold's split, check it against the labels and the store's complete slides
+    (``store_slides``), and build its datasets."""
+    from dsca.store import PatientDataset
 
     split = load_split(split_path, known_patients=labels.index)
     fold_labels = rebin(labels, split.train) if cfg.bin_cut == "train" else labels
-    store_slides = FeatureStore.open(cfg.store).slide_ids
     datasets: dict[str, Dataset] = {}
     for name, ids in split.parts().items():
         if not ids:
@@ -244,6 +268,28 @@ def accumulate_group(
     return total, detached, lab
 
 
+@torch.no_grad()
+def _forward_only(
+    model: nn.Module,
+    inputs: Iterable[tuple[torch.Tensor, ...]],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode outputs of patients that are not back-propagated (a dropped last group).
+
+    Args:
+        inputs: items ``(x20 [1,16N,D], x5 [1,N,D], coords [1,N,2] | None, label [4])``.
+
+    Returns:
+        outputs [G, K] on CPU and labels [G, 4].
+    """
+    outs, labels = [], []
+    for x20, x5, coords, label in inputs:
+        with autocast():
+            outs.append(model(x20, x5, coords).float().cpu())
+        labels.append(label)
+    return torch.cat(outs), torch.stack(labels)
+
+
 def _set_loss(cfg: TrainConfig, outputs: _Outputs) -> float:
     """Evaluation loss of a whole set: NLL with alpha = 0, or the Cox loss over the set."""
     lab = outputs.label
@@ -257,8 +303,7 @@ def _predict(
     model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: torch.device, desc: str
 ) -> _Outputs:
     model.eval()
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=_collate_one)
+    loader = _loader(dataset, cfg)
     ids, outs, labels = [], [], []
     for sample in tqdm(loader, desc=desc, leave=False, disable=None):
         x20, x5, coords, label = _to_inputs(sample, device, cfg.position_emb)
@@ -289,8 +334,7 @@ def _train_epoch(
     model.train()
     # Shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=generator,
-                        num_workers=cfg.num_workers, collate_fn=_collate_one)
+    loader = _loader(dataset, cfg, shuffle=True, generator=generator)
     bar = tqdm(total=len(dataset), desc=desc, leave=False, disable=None)
     ids: list[str] = []
 
@@ -305,6 +349,12 @@ def _train_epoch(
     losses, outs, labels = [], [], []
     optimizer.zero_grad(set_to_none=True)
     for size in _groups(len(dataset), cfg.bp_every_iters):
+        # (a training set smaller than one group is stepped: there would be no step otherwise)
+        if size < cfg.bp_every_iters and cfg.last_group == "drop" and len(dataset) > size:
+            out, lab = _forward_only(model, lazy(samples, size), autocast)
+            outs.append(out)
+            labels.append(lab)
+            continue
         loss, out, lab = accumulate_group(model, lazy(samples, size), size, cfg, autocast, scaler)
         outs.append(out)
         labels.append(lab)
@@ -411,6 +461,9 @@ def train_fold(
         log.info("fold %d: resumed after epoch %d", data.fold, start)
 
     sets = data.datasets
+    if len(sets["train"]) < cfg.bp_every_iters:
+        log.warning("fold %d: %d training patients, fewer than bp_every_iters = %d: one optimizer "
+                    "step per epoch over all of them", data.fold, len(sets["train"]), cfg.bp_every_iters)
     epoch = start - 1
     for epoch in range(start, cfg.epochs):
         if stopper.stop:
@@ -550,8 +603,10 @@ def train_cross_validation(
     # Check every fold's inputs before writing anything or spending hours on the first fold.
     labels = load_labels(cfg.labels, bins=cfg.bins)
     split_paths = resolve_split_paths(cfg.splits, folds)
+    store_slides = _open_store(cfg)
     cache: dict[tuple[str, tuple[float, ...]], Any] | None = {} if cfg.cache_features else None
-    fold_data = [build_fold_data(cfg, labels, k, p, cache) for k, p in zip(folds, split_paths)]
+    fold_data = [build_fold_data(cfg, labels, k, p, store_slides, cache)
+                 for k, p in zip(folds, split_paths)]
 
     out.mkdir(parents=True, exist_ok=True)
     with _log_to_file(out / "train.log", append=resume), _threads(cfg.num_threads):
@@ -583,6 +638,27 @@ def train_cross_validation(
         log.info("test C-index %.3f +- %.3f over %d fold(s)", report["summary"]["test_cindex_mean"],
                  report["summary"]["test_cindex_std"], len(results))
         return report
+
+
+def _open_store(cfg: TrainConfig) -> set[str]:
+    """The store's complete slide ids, after checking that its features fit the model.
+
+    Raises:
+        ConfigError: the store cannot be opened, or its feature size is not ``dims[0]``.
+    """
+    from dsca.store import FeatureStore, StoreError
+
+    try:
+        store = FeatureStore.open(cfg.store)
+        feature_dim = store.feature_dim
+    except StoreError as err:
+        raise ConfigError(f"{cfg.source}: store: {err}") from None
+    if feature_dim != cfg.model.dims[0]:
+        raise ConfigError(
+            f"{cfg.source}: the store {cfg.store} holds {feature_dim}-dim features but dims "
+            f"starts with {cfg.model.dims[0]} (dims = input-embedding-hidden-output sizes)"
+        )
+    return set(store.slide_ids)
 
 
 @contextlib.contextmanager

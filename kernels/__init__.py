@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from dsca.kernels.reference import capool_folded, capool_plain
+from dsca.kernels.reference import AttendPool, attend_pool_torch, capool_folded, capool_plain
 
 __all__ = ["Backend", "capool", "capool_folded", "capool_plain", "resolve_backend"]
 
@@ -95,15 +95,15 @@ def capool(
     """
     _check_shapes(x20, query, in_proj_weight, num_heads)
     chosen = resolve_backend(backend, x20.device.type)
+    attend: AttendPool = attend_pool_torch
     if chosen == "triton":
         reason = _triton_unavailable_reason(x20.device.type)
         if reason is not None:
             raise RuntimeError(f"CAPool backend 'triton' cannot run: {reason}")
-        from dsca.kernels.triton_capool import capool_triton
+        from dsca.kernels.triton_capool import attend_pool_triton
 
-        return capool_triton(
-            x20, query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads
-        )
+        attend = attend_pool_triton
     return capool_folded(
-        x20, query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads
+        x20, query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+        attend=attend,
     )

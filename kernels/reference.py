@@ -27,13 +27,53 @@ Only stage 2 differs between backends (:func:`attend_pool_torch` here, the Trito
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["attend_pool_torch", "capool_folded", "capool_plain", "fold_query", "project_out"]
+__all__ = [
+    "AttendPool",
+    "attend_pool_torch",
+    "capool_folded",
+    "capool_plain",
+    "fold_query",
+    "key_directions",
+    "project_out",
+    "scaled_query",
+]
+
+
+def scaled_query(
+    query: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor, num_heads: int
+) -> Tensor:
+    """Each head's scaled query u_h = (W_q,h q + b_q,h) / sqrt(d).
+
+    Args:
+        query: [M, C]; in_proj_weight: [3C, C]; in_proj_bias: [3C].
+
+    Returns:
+        [M, H, d] with d = C / H.
+    """
+    C = query.shape[-1]
+    u = F.linear(query, in_proj_weight[:C], in_proj_bias[:C]) * (1.0 / math.sqrt(C // num_heads))
+    return rearrange(u, "m (h d) -> m h d", h=num_heads)
+
+
+def key_directions(u: Tensor, in_proj_weight: Tensor) -> Tensor:
+    """k_h = W_k,h^T u_h.
+
+    Args:
+        u: [M, H, d] from :func:`scaled_query`; in_proj_weight: [3C, C].
+
+    Returns:
+        [M, H, C].
+    """
+    C = in_proj_weight.shape[1]
+    w_k = rearrange(in_proj_weight[C : 2 * C], "(h d) c -> h d c", h=u.shape[1])
+    return torch.einsum("mhd,hdc->mhc", u, w_k)
 
 
 def fold_query(
@@ -48,13 +88,7 @@ def fold_query(
         [M, H, C]; its dot product with a raw x20 row is that row's logit up to a per-head
         constant (u_h . b_k,h), which cancels in the softmax.
     """
-    C = query.shape[-1]
-    d = C // num_heads
-    w_q, w_k, _ = in_proj_weight.chunk(3)
-    b_q = in_proj_bias[:C]
-    u = F.linear(query, w_q, b_q) * (1.0 / math.sqrt(d))
-    u = rearrange(u, "m (h d) -> m h d", h=num_heads)
-    return torch.einsum("mhd,hdc->mhc", u, rearrange(w_k, "(h d) c -> h d c", h=num_heads))
+    return key_directions(scaled_query(query, in_proj_weight, in_proj_bias, num_heads), in_proj_weight)
 
 
 def attend_pool_torch(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,6 +131,9 @@ def project_out(
     return F.linear(rearrange(heads, "m h d -> m (h d)"), out_proj_weight, out_proj_bias)
 
 
+AttendPool = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def capool_folded(
     x20: Tensor,
     query: Tensor,
@@ -105,6 +142,7 @@ def capool_folded(
     out_proj_weight: Tensor,
     out_proj_bias: Tensor,
     num_heads: int,
+    attend: AttendPool = attend_pool_torch,
 ) -> tuple[Tensor, Tensor]:
     """CAPool with folded projections.
 
@@ -115,12 +153,14 @@ def capool_folded(
         in_proj_bias: [3C] stacked b_q, b_k, b_v.
         out_proj_weight: [C, C], out_proj_bias: [C].
         num_heads: H, must divide C.
+        attend: the attend-and-pool core, (k_dir [M,H,C], x20 [M,16,C]) -> (pooled rows
+            [M,H,C], probabilities [M,H,16]): :func:`attend_pool_torch` or the Triton one.
 
     Returns:
         pooled [M, C] and attention probabilities [M, H, 16].
     """
     k_dir = fold_query(query, in_proj_weight, in_proj_bias, num_heads)
-    pooled_rows, attn = attend_pool_torch(k_dir, x20)
+    pooled_rows, attn = attend(k_dir, x20)
     out = project_out(pooled_rows, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
     return out, attn
 

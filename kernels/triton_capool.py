@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from torch.utils.flop_counter import register_flop_formula
 
-from dsca.kernels.reference import fold_query, project_out
+from dsca.kernels.reference import capool_folded
 
 __all__ = ["INTERPRETED", "attend_pool_triton", "capool_triton", "autotune_configs"]
 
@@ -340,10 +340,8 @@ def capool_triton(
     Returns:
         pooled [M, C] and attention probabilities [M, H, 16].
     """
-    k_dir = fold_query(query, in_proj_weight, in_proj_bias, num_heads)
-    pooled_rows, attn = attend_pool_triton(k_dir, x20)
-    out = project_out(pooled_rows, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
-    return out, attn
+    return capool_folded(x20, query, in_proj_weight, in_proj_bias, out_proj_weight,
+                         out_proj_bias, num_heads, attend=attend_pool_triton)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ def rows_per_chunk(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(1, row_bytes))
 
 
+def complete_attrs(slide_folder: Path) -> dict[str, Any] | None:
+    """A slide group's attrs if its zarr.json marks it complete, else None (also if unreadable)."""
+    try:
+        attrs = json.loads((Path(slide_folder) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attrs if isinstance(attrs, dict) and attrs.get("complete") is True else None
+
+
 def complete_slides(store: Path) -> dict[str, dict[str, Any]]:
     """slide id -> attrs of every slide group on disk that is marked complete.
 
@@ -55,15 +64,8 @@ def complete_slides(store: Path) -> dict[str, dict[str, Any]]:
     (no consolidated metadata, maybe a half-written group) still lists exactly its complete
     slides; an unreadable group is simply not complete.
     """
-    done: dict[str, dict[str, Any]] = {}
     folder = Path(store) / SLIDES
     if not folder.is_dir():
-        return done
-    for child in sorted(folder.iterdir()):
-        try:
-            attrs = json.loads((child / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(attrs, dict) and attrs.get("complete") is True:
-            done[child.name] = attrs
-    return done
+        return {}
+    found = ((child.name, complete_attrs(child)) for child in sorted(folder.iterdir()))
+    return {sid: attrs for sid, attrs in found if attrs is not None}

@@ -117,7 +117,9 @@ def align_dir(coords_dir: str | Path, out_dir: str | Path, level: int = 1, progr
     failures: list[tuple[str, str]] = []
     written = 0
     files = sorted(src.glob("*.h5"))
-    for path in tqdm(files, desc="align", unit="slide", disable=not progress):
+    if not files:
+        raise ClamError(f"no coordinate files (*.h5) in {src}")
+    for path in tqdm(files, desc="align", unit="slide", disable=None if progress else True):
         try:
             low = read_coords(path)
             if low.patch_level is not None and low.patch_level <= level:

@@ -3,10 +3,18 @@
 Each slide is validated completely before anything of it is written; its group is written
 array by array (each in one go: a partial write of a shard rewrites the whole shard) and only
 then marked ``complete``. Readers ignore incomplete slides and a rerun redoes them, so a run
-killed at any point leaves no slide that claims to be complete and is not.
+killed at any point leaves no slide that claims to be complete and is not (tested with kill -9).
+A run that stops on its own terms also leaves nothing half-written: a failed write removes its
+slide; Ctrl-C lets the slide being written here finish, kills the workers and removes their
+unfinished slides.
+One convert at a time per store (a lock that dies with its process).
+
+Input problems fail their slide only (one line naming the slide, the file and the reason);
+the other slides are converted and the report lists every failure.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -14,14 +22,16 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -39,6 +49,7 @@ from dsca.store._layout import (
     SCALE,
     SLIDES,
     codec_chain,
+    complete_attrs,
     complete_slides,
     rows_per_chunk,
 )
@@ -57,6 +68,7 @@ from dsca.store.clam import (
 __all__ = ["ConvertReport", "ConvertError", "convert_cohort", "read_label_slides"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class ConvertError(Exception):
@@ -113,10 +125,15 @@ class _SlideTask:
 
 
 def read_label_slides(labels: str | Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """slide id -> patient id from a labels CSV, and (slide_id, reason) for conflicting duplicates."""
+    """slide id -> patient id from a labels CSV, and (slide_id, reason) for unusable rows.
+
+    Ids stay strings exactly as written (NLST's are numbers). A slide listed with two patients,
+    or without a patient id, is unusable: a blank id read as NaN would otherwise pool unrelated
+    slides into one patient "nan".
+    """
     path = Path(labels)
     try:
-        df = pd.read_csv(path, dtype={"pathology_id": str, "patient_id": str})
+        df = pd.read_csv(path, dtype={"pathology_id": str, "patient_id": str}, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ConvertError(f"{path}: cannot read labels CSV ({exc})") from None
     for column in ("pathology_id", "patient_id"):
@@ -126,18 +143,17 @@ def read_label_slides(labels: str | Path) -> tuple[dict[str, str], list[tuple[st
     bad: dict[str, str] = {}
     for row, (sid, pid) in enumerate(zip(df["pathology_id"], df["patient_id"]), start=2):
         sid, pid = str(sid).strip(), str(pid).strip()
-        if sid in mapping and mapping[sid] != pid:
+        if not sid:
+            continue
+        if not pid:
+            bad[sid] = f"no patient_id in {path.name} (line {row})"
+        elif sid in mapping and mapping[sid] != pid:
             bad[sid] = f"duplicate slide id in {path.name} (line {row}): patients {mapping[sid]} and {pid}"
         mapping.setdefault(sid, pid)
     return mapping, sorted(bad.items())
 
 
-def _source_bytes(task: _SlideTask) -> int:
-    paths = (task.x5_coords, task.x20_coords, task.x5_pt or task.x5_h5, task.x20_pt or task.x20_h5)
-    return sum(os.path.getsize(p) for p in paths if p)
-
-
-def _read(what: str, fn, *args):  # noqa: ANN001, ANN202 - a one-line wrapper
+def _read(what: str, fn: Callable[..., _T], *args: Any) -> _T:
     """Call a CLAM reader; its ClamError gets `what` (level and kind) in front."""
     try:
         return fn(*args)
@@ -319,15 +335,35 @@ def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
     }
     folder = _slide_folder(task)
     try:
-        if folder.exists():  # incomplete leftovers of a killed run, or --overwrite
-            shutil.rmtree(folder)
-        _write_group(task.out, task.slide_id, arrays, attrs)
-    except BaseException as exc:
+        with _ctrl_c_deferred():
+            if folder.exists():  # incomplete leftovers of a killed run, or --overwrite
+                shutil.rmtree(folder)
+            _write_group(task.out, task.slide_id, arrays, attrs)
+    except Exception as exc:
         shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, Exception):
-            raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
-        raise
-    return task.slide_id, None, _source_bytes(task)
+        raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
+    return task.slide_id, None, sum(int(src["bytes"]) for src in sources.values())
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Let a slide's write finish before a Ctrl-C takes effect.
+
+    zarr writes on its own IO thread: a KeyboardInterrupt in this thread would not stop it, so
+    removing the half-written slide here would race with writes still landing. Finishing the
+    slide (a second at most) and stopping after it leaves it complete instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _slide_folder(task: _SlideTask) -> Path:
@@ -336,7 +372,7 @@ def _slide_folder(task: _SlideTask) -> Path:
 
 def _remove_if_incomplete(task: _SlideTask) -> None:
     """Drop what an interrupted writer left of `task`'s slide (a finished slide stays)."""
-    if task.slide_id not in complete_slides(Path(task.out)):
+    if complete_attrs(_slide_folder(task)) is None:
         shutil.rmtree(_slide_folder(task), ignore_errors=True)
 
 
@@ -424,6 +460,8 @@ def convert_cohort(
         label_map, dup = read_label_slides(labels)
         failures.update(dup)
     everything = set(c5) | f5.slide_ids | f20.slide_ids
+    if not everything:
+        raise ConvertError(f"no slides found: no .h5 in {c5_dir}, no .pt/.h5 in {f5.root} or {f20.root}")
     report.missing = sorted(s for s in label_map if s not in everything and s not in failures)
     unlabelled = sorted(everything - set(label_map) - set(failures)) if labels is not None else []
     if unlabelled:
@@ -516,7 +554,7 @@ def _lock(out: Path) -> int:
 def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: ConvertReport,
                  failures: dict[str, str]) -> None:
     """Run the tasks into `report`/`failures`; consolidate the metadata however the run ends."""
-    bar = tqdm(total=len(tasks), desc="convert", unit="slide", disable=not progress)
+    bar = tqdm(total=len(tasks), desc="convert", unit="slide", disable=None if progress else True)
     try:
         for sid, reason, nbytes in _run(tasks, jobs):
             bar.update()
@@ -537,7 +575,8 @@ def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: Con
 
 def _worker(conn: Connection) -> None:
     """Worker process: announce readiness, then convert slides until told to stop."""
-    # Ctrl-C goes to the whole process group: the parent alone decides how to stop
+    # Ctrl-C goes to the whole process group: the parent alone decides how to stop (already
+    # ignored when started from the main thread, see _start_without_sigint)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         conn.send(None)
@@ -549,6 +588,22 @@ def _worker(conn: Connection) -> None:
             conn.send(result)
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone (killed): nothing to report to
+
+
+def _start_without_sigint(proc: multiprocessing.process.BaseProcess) -> None:
+    """Start a worker that ignores Ctrl-C from its first instruction.
+
+    An ignored SIGINT survives exec and Python keeps it ignored, so a Ctrl-C while the worker
+    is still importing torch prints no traceback; the parent stops its workers itself.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()  # signal handlers can only be changed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, int]]:
@@ -569,7 +624,7 @@ def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, 
     for _ in range(min(jobs, len(tasks)) - 1):
         here, there = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(there,), daemon=True)
-        proc.start()
+        _start_without_sigint(proc)
         there.close()
         conns[here] = proc
     inflight: dict[Connection, _SlideTask] = {}

@@ -186,7 +186,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     label_rows, truth_rows, process_rows, slide_ids = [], [], [], []
     previews: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     step = (_PATCH * np.asarray(_DOWNSAMPLE)).astype(np.int64)  # CLAM's level-0 grid step
-    for p in tqdm(range(spec.patients), desc="synth", unit="patient", disable=not progress):
+    for p in tqdm(range(spec.patients), desc="synth", unit="patient", disable=None if progress else True):
         pid = f"SYN-{p:04d}"
         n_slides = 1 if rng.uniform() >= spec.multi_slide else int(rng.integers(2, 4))
         tumour_blocks = motif_tumour = 0

@@ -61,6 +61,7 @@ class StoreInfo:
 
 
 def store_info(path: str | Path) -> StoreInfo:
+    """What `dsca-store info` prints: counts, dims, bytes on disk and against the sources."""
     fs = FeatureStore.open(path)
     p = Path(path)
     folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
@@ -142,7 +143,7 @@ def verify_store(path: str | Path, progress: bool = True) -> VerifyReport:
             report.problems.append((sid, "complete on disk but absent from the consolidated metadata (rerun convert)"))
     dim, dtype = fs.attrs.get("feature_dim"), np.dtype(fs.attrs["dtype"])
     root = zarr.open_group(p, mode="r", use_consolidated=False)
-    for sid in tqdm(fs.slide_ids, desc="verify", unit="slide", disable=not progress):
+    for sid in tqdm(fs.slide_ids, desc="verify", unit="slide", disable=None if progress else True):
         report.slides += 1
         reason = _check_slide(root, sid, on_disk.get(sid, {}), int(dim), dtype)
         if reason:

@@ -5,12 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 pytest.importorskip("nystrom_attention")  # the model's dependency (absent on bare GPU images)
 
 from dsca import build_model  # noqa: E402
 from dsca.cli.dsca_main import main  # noqa: E402
+from dsca.model import count_macs  # noqa: E402
 from dsca.profile import _loss, format_table, profile_model, synthetic_bag  # noqa: E402
 from kernels_cases import default_device  # noqa: E402
 
@@ -22,7 +24,14 @@ def test_profile_flops_match_flop_counter_and_rows_add_up() -> None:
     model = build_model({**CFG, "capool_backend": "torch"})
     names = [n for n, _ in model.named_children()]
     assert [m.name for m in report.modules][: len(names)] == names
-    with FlopCounterMode(display=False) as counter:
+    # torch's counter, taught the in-place GEMMs that the block conv and the encoder's
+    # attention backward run (it skips them: the x20 stream would look 10x cheaper)
+    aten = torch.ops.aten
+    inplace = {
+        aten.addmm_: lambda _, a, b, *args, **kw: 2 * a[0] * a[1] * b[1],  # [m,k] @ [k,n]
+        aten.baddbmm_: lambda _, a, b, *args, **kw: 2 * a[0] * a[1] * a[2] * b[2],
+    }
+    with FlopCounterMode(display=False, custom_mapping=inplace) as counter:
         _loss(model(*synthetic_bag(9, 48, "cpu"))).backward()
     assert report.total.flops == counter.get_total_flops() > 0
     assert sum(m.flops for m in report.modules) == report.total.flops
@@ -30,8 +39,14 @@ def test_profile_flops_match_flop_counter_and_rows_add_up() -> None:
     # the x20 stream is where the work is: it must get FLOPs and time attributed to it
     x20 = next(m for m in report.modules if m.name.startswith("patchx20"))
     assert x20.flops > 0 and x20.fwd_ms > 0 and x20.bwd_ms > 0 and x20.saved_mib > 0
+    # the analytic forward MACs of dsca.model.count_macs, split over the same modules
+    total_macs = count_macs({**CFG, "capool_backend": "torch"}, 9)["total"]
+    assert sum(m.fwd_macs for m in report.modules) == report.total.fwd_macs == total_macs
+    assert x20.fwd_macs > 0 and all(m.fwd_macs > 0 for m in report.modules if m.params)
+    # forward + weight gradients of the x20 GEMMs: at least 2 x 2 FLOPs per forward MAC
+    assert x20.flops >= 4 * x20.fwd_macs
     table = format_table(report)
-    assert all(n in table for n in names) and "total" in table
+    assert all(n in table for n in names) and "total" in table and "fwd MAC" in table
 
 
 def test_profile_triton_backend_counts_the_same_flops() -> None:

@@ -15,7 +15,7 @@ import yaml
 from dsca import build_model
 from dsca.model import ModelConfig, count_parameters
 
-from conftest import plain_forward, randomize_state_dict  # noqa: I001
+from plain_model import plain_forward, randomize_state_dict  # noqa: I001
 
 
 def _reference_shapes(reference_dir: Path) -> dict[str, tuple[int, ...]]:

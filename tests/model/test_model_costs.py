@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsca import build_model
 from dsca.model import ModelConfig, count_macs
 
-from conftest import plain_forward  # noqa: I001
+from plain_model import plain_forward  # noqa: I001
 
 BASE = {"dims": "64-32-32-4", "tra_nhead": 4}
 
@@ -30,8 +30,10 @@ def _measured_macs(fn) -> int:
         {"emb_x20_ksize": 1, "emb_x20_backbone": "avgpool", "dims": "64-32-32-1"},
         {"magnification": "x5"},
         {"emb_x20_ksize": 1, "tra_backbone": "Nystromformer", "tra_num_layers": 2},
+        {"emb_x20_dw_conv": True},  # k=3: a padded grouped conv2d, all 144 tap-positions
     ],
-    ids=["default-k1", "cat-maxmean-cox", "pre-cat", "gapool", "avgpool-cox", "x5", "nystrom"],
+    ids=["default-k1", "cat-maxmean-cox", "pre-cat", "gapool", "avgpool-cox", "x5", "nystrom",
+         "dw-k3"],
 )
 def test_count_macs_matches_flop_counter(overrides):
     """Every GEMM of our forward (torch ops, kernel-1 convs) is counted exactly."""

@@ -13,7 +13,7 @@ import torch
 from dsca import build_model
 from dsca.model import ModelConfig
 
-from conftest import plain_forward, randomize_state_dict  # noqa: I001  (tests/model/conftest.py)
+from plain_model import plain_forward, randomize_state_dict  # noqa: I001
 
 SMALL = {"dims": "32-16-16-4", "tra_nhead": 2, "dropout": 0.3, "capool_backend": "torch"}
 

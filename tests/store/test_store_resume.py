@@ -110,26 +110,39 @@ def _slide_states(out: Path) -> dict[str, bool]:
     return states
 
 
-def test_kill_9_mid_slide_then_resume(tmp_path):
+@pytest.fixture(scope="module")
+def big_cohort(tmp_path_factory):
     # slides of ~5 MB (float32) so that writing one takes long enough to be caught in the act
-    cohort = write_synthetic_cohort(tmp_path / "c", SynthSpec(patients=5, seed=3, dim=256, patches=300,
-                                                              multi_slide=0.0, h5_files=False), progress=False)
+    return write_synthetic_cohort(tmp_path_factory.mktemp("big"), SynthSpec(
+        patients=5, seed=3, dim=256, patches=300, multi_slide=0.0, h5_files=False), progress=False)
+
+
+def _convert_cmd(cohort, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dsca.cli.store_main", "-q", "convert", "--x5-features", str(cohort.x5_features),
+            "--x20-features", str(cohort.x20_features), "--x5-coords", str(cohort.x5_coords),
+            "--x20-coords", str(cohort.x20_coords), "--out", str(out), "--dtype", "float32", *extra]
+
+
+def _wait_for_a_slide_being_written(proc: subprocess.Popen, out: Path) -> bool:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(not done for done in _slide_states(out).values()):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_kill_9_mid_slide_then_resume(big_cohort, tmp_path):
+    cohort = big_cohort
     sources = {sid: torch.load(cohort.x20_features / "pt_files" / f"{sid}.pt").numpy() for sid in cohort.slide_ids}
     out = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-m", "dsca.cli.store_main", "-q", "convert", "--x5-features", str(cohort.x5_features),
-           "--x20-features", str(cohort.x20_features), "--x5-coords", str(cohort.x5_coords),
-           "--x20-coords", str(cohort.x20_coords), "--out", str(out), "--dtype", "float32"]
+    cmd = _convert_cmd(cohort, out)
     caught = None
     for _ in range(4):  # each try resumes the previous one; stop once a kill lands mid-slide
         before = {s for s, done in _slide_states(out).items() if done}
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            writing = [s for s, done in _slide_states(out).items() if not done]
-            if writing:  # a slide group exists that is not complete yet: kill now
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.001)
+        if _wait_for_a_slide_being_written(proc, out):  # a group exists, not complete yet: kill now
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         states = _slide_states(out)
         assert before <= {s for s, done in states.items() if done}  # nothing complete was lost
@@ -155,6 +168,24 @@ def test_kill_9_mid_slide_then_resume(tmp_path):
         np.testing.assert_array_equal(fs.read_slide(sid).x20.reshape(-1, 256), sources[sid])
     assert verify_store(out, progress=False).ok
     assert not list(out.rglob("*.partial")), list(out.rglob("*.partial"))  # no temp files of zarr atomic writes left
+
+
+def test_ctrl_c_removes_half_written_slides(big_cohort, tmp_path):
+    out = tmp_path / "s.zarr"
+    # --jobs 2: the spawned worker's slide in flight must be cleaned up too
+    proc = subprocess.Popen(_convert_cmd(big_cohort, out, "--jobs", "2"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_a_slide_being_written(proc, out)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [f"interrupted: rerun the same command to resume "
+                                        f"(complete slides in {out} are kept)"]  # no tracebacks
+    states = _slide_states(out)
+    assert all(states.values()), states
+    fs = FeatureStore.open(out)  # consolidated at the stop
+    assert fs.slide_ids == sorted(states)
+    assert fcntl.flock(os.open(out / "slides", os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB) is None  # released
 
 
 def test_cli_synth_convert_verify_info(tmp_path, capsys):

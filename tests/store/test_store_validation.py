@@ -53,6 +53,7 @@ EXPECTED = {
     "copies_differ": "the two copies differ",
     "float16_overflow": "x20 features reach 1e+06, beyond float16's range",
     "label_duplicate": "duplicate slide id in synth_path_full.csv",
+    "label_no_patient": "no patient_id in synth_path_full.csv (line",
     "case_duplicate": "duplicate slide id, differing only in case",
     "missing_x20": "missing x20 features",
 }
@@ -139,6 +140,7 @@ def damaged(synth_cohort, tmp_path_factory):
     labels = pd.concat([labels, pd.DataFrame([{"pathology_id": s, "patient_id": "SYN-9999", "e": "1", "t": "5"}])])
     labels = pd.concat([labels, pd.DataFrame([{"pathology_id": "SYN-8888-01Z-00-DX1", "patient_id": "SYN-8888",
                                                "e": "0", "t": "100"}])])
+    labels.loc[labels.pathology_id == bad["label_no_patient"], "patient_id"] = ""  # a blank cell
     labels.to_csv(root / "synth_path_full.csv", index=False)
     s = bad["case_duplicate"]
     # a stray copy under a name that differs only in case: both ids are ambiguous

@@ -48,3 +48,25 @@ def small_config(synth_cohort, synth_store, tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference_size_store(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny synthetic cohort with the reference's 1024-dim features (10 patients, ~6 patches
+    per slide), converted; returns (cohort, store path). The shared `synth_store` has 32-dim
+    features, which the reference config's dims (1024-...) cannot read."""
+    from dsca.store.convert import convert_cohort
+    from dsca.store.synth import SynthSpec, write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("reference_size")
+    cohort = write_synthetic_cohort(root / "cohort", SynthSpec(patients=10, seed=5, dim=1024,
+                                                               patches=6, h5_files=False),
+                                    progress=False)
+    store = root / "cohort.zarr"
+    report = convert_cohort(
+        x5_features=cohort.x5_features, x20_features=cohort.x20_features,
+        x5_coords=cohort.x5_coords, x20_coords=cohort.x20_coords,
+        labels=cohort.labels_csv, out=store, progress=False,
+    )
+    assert report.ok, list(report.lines())
+    return cohort, store

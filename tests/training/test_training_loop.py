@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from dsca import build_model
 from dsca.cli.dsca_main import main
@@ -167,3 +168,102 @@ def test_cli_train_and_bad_inputs(small_config, tmp_path, capsys, synth_cohort):
     cfg = small_config(epochs=1, folds=[0])
     assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "q")]) == 0
     assert "fold 0 epoch 1" in (tmp_path / "q" / "train.log").read_text()
+
+
+class _Samples(torch.utils.data.Dataset):
+    """PatientSample-like items from :func:`_patients`."""
+
+    def __init__(self, patients):
+        self.patients = patients
+
+    def __len__(self):
+        return len(self.patients)
+
+    def __getitem__(self, i):
+        from types import SimpleNamespace
+
+        x20, x5, coords, label = self.patients[i]
+        return SimpleNamespace(x20=x20[0], x5=x5[0], coords=coords[0], label=label.tolist(),
+                               patient_id=f"P{i}")
+
+
+@pytest.mark.parametrize(("last_group", "steps"), [("drop", 2), ("step", 3)])
+def test_last_incomplete_group(last_group, steps):
+    """5 patients in groups of 2: the reference never back-propagates the fifth (drop, the
+    default); 'step' steps it too. Either way every patient's output is collected."""
+    from dsca.train import _train_epoch
+
+    cfg = parse_config({"store": "x", "labels": "y", "splits": "z{}", "dims": "32-16-16-4",
+                        "tra_nhead": 2, "bp_every_iters": 2, "last_group": last_group})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads_at_step = []
+    opt.register_step_pre_hook(lambda o, *_: grads_at_step.append(
+        sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None)))
+    loss, outputs = _train_epoch(model, _Samples(_patients(5)), opt, cfg, torch.device("cpu"),
+                                 epoch=0, scaler=None, desc="t")
+    assert len(grads_at_step) == steps and all(g > 0 for g in grads_at_step)
+    assert sorted(outputs.patient_ids) == [f"P{i}" for i in range(5)] and outputs.out.shape == (5, 4)
+    assert all(p.grad is None for p in model.parameters())  # nothing left over for next epoch
+    assert parse_config({"store": "x", "labels": "y", "splits": "z{}"}).last_group == "drop"
+
+
+def test_early_stopping_rules_of_the_reference():
+    """Ties count as improvements; patience counts bad epochs after the best; no stop at or
+    before es_start_epoch; nothing is recorded during the warm-up."""
+    from dsca.train import _EarlyStop
+
+    stop = _EarlyStop(patience=2, warmup=1, start_epoch=0, mode="min")
+    assert not stop.update(0, 0.1)  # warm-up: even a good value is not recorded
+    assert stop.update(1, 1.0) and stop.update(2, 1.0)  # a tie is a new best (saves, resets)
+    assert stop.best_epoch == 2
+    assert not stop.update(3, 1.5) and not stop.stop
+    assert not stop.update(4, 1.2) and stop.stop
+    late = _EarlyStop(patience=1, warmup=0, start_epoch=3, mode="min")
+    late.update(0, 1.0)
+    for epoch in (1, 2, 3):
+        late.update(epoch, 2.0)
+        assert not late.stop  # 1..3 bad epochs, but not yet past epoch 3
+    late.update(4, 2.0)
+    assert late.stop
+    ci = _EarlyStop(patience=1, warmup=0, start_epoch=0, mode="max")
+    assert ci.update(0, 0.6) and ci.update(1, 0.7) and not ci.update(2, 0.65) and ci.stop
+
+
+def test_reference_config_trains_without_edits(reference_dir, reference_size_store, tmp_path):
+    """The study's config_hier.yaml, with only store/labels/splits added (and epochs cut to 1
+    to keep the test short), runs `dsca train` end to end; outputs go to its save_path."""
+    cohort, store = reference_size_store
+    text = (reference_dir / "config_hier.yaml").read_text()
+    assert "\nepochs: 150\n" in text
+    text = text.replace("\nepochs: 150\n", "\nepochs: 1\n")
+    splits = str(cohort.splits[0]).replace("fold0", "fold{}")
+    text += f"store: {store}\nlabels: {cohort.labels_csv}\nsplits: {splits}\n"
+    config = tmp_path / "config_hier.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config), "--folds", "0"]) == 0
+    out = tmp_path / "results-brca-hier" / "reproducing_dsca"  # save_path, relative to the file
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [f["fold"] for f in metrics["folds"]] == [0]
+    assert isinstance(metrics["summary"]["test_cindex_mean"], float)
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert (used["opt"], used["bp_every_iters"], used["lr"], used["alpha"]) == ("lookahead_adam", 16, 8e-5, 0.1)
+    assert used["model"]["dims"] == [1024, 384, 384, 4] and used["model"]["tra_nhead"] == 8
+    assert (out / "predictions.csv").is_file() and (out / "fold0" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"store": "/nonexistent/cohort.zarr"}, "no zarr store here"),
+        ({"dims": "64-16-16-4"}, "holds 32-dim features but dims starts with 64"),
+    ],
+)
+def test_cli_store_errors_are_one_line(small_config, tmp_path, capsys, override, message):
+    """A missing store or one whose features do not fit dims: exit 2, one line, nothing written."""
+    cfg = small_config(epochs=1, folds=[0], **override)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsca train: error:") and message in err[0]
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,8 @@
-"""Fixtures of the model tests: a plain re-statement of the reference forward pass.
+"""A plain re-statement of the reference forward pass (helpers of the model tests).
+
+A module of its own name, not ``conftest``: test files import it, and ``from conftest import``
+would pick whichever folder's conftest pytest loaded last (``pytest tests/model tests/training``
+failed to collect).
 
 ``plain_forward(cfg, sd, x20, x5, coords)`` computes DSCA the way the reference code does,
 reading every parameter BY NAME from a state dict: the x20 stream is reshaped to [M, D, 4, 4]
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from nystrom_attention import Nystromformer
@@ -202,9 +205,3 @@ def randomize_state_dict(sd: dict[str, Tensor], seed: int = 0) -> dict[str, Tens
         else:
             out[name] = 0.2 * r
     return out
-
-
-@pytest.fixture
-def plain() -> object:
-    """The plain reference forward (see module docstring)."""
-    return plain_forward
