@@ -444,6 +444,7 @@ class Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: any shape -> same shape (identity outside training)."""
         if not self.training or round(self.p * _LANES) == 0:
             return x
         keep, scale = keep_mask(x.shape, self.p, x.device)

@@ -100,7 +100,13 @@ def cindex_bootstrap_ci(
 def time_dependent_auc(
     time: np.ndarray, event: np.ndarray, risk: np.ndarray, eval_times: np.ndarray
 ) -> float:
-    """Mean cumulative/dynamic AUC (IPCW, torchsurv) over ``eval_times``; NaN if undefined."""
+    """Mean cumulative/dynamic AUC (IPCW, torchsurv) over ``eval_times``; NaN if undefined.
+
+    Args:
+        time: [N] follow-up times; event: [N] 1 = event; risk: [N] (higher = shorter survival).
+        eval_times: [T] times at which the AUC is evaluated (those outside the follow-up are
+            dropped).
+    """
     from torchsurv.metrics.auc import Auc
 
     time, event, risk = _as_arrays(time, event, risk)

@@ -81,6 +81,7 @@ class _Outputs:
 
     @property
     def risk(self) -> np.ndarray:
+        """[P] risk score (higher = shorter survival)."""
         return risk_score(self.out).numpy()
 
 
@@ -90,7 +91,7 @@ class _EarlyStop:
 
     Before ``warmup`` epochs nothing is recorded. An epoch whose value is at least as good as
     the best so far (ties included) becomes the best and resets the count of bad epochs; any
-    other epoch counts as bad. Training stops once ``patience`` bad epochs follow the best
+    other epoch (and a NaN) counts as bad. Training stops once ``patience`` bad epochs follow the best
     one, but never at or before epoch ``start_epoch`` (0-based).
     """
 
@@ -107,7 +108,10 @@ class _EarlyStop:
         """Record an epoch's monitored value; True when it is the best so far."""
         if epoch < self.warmup:
             return False
-        worse = self.best is not None and (value > self.best if self.mode == "min" else value < self.best)
+        # (a NaN is never the best: the reference would keep a diverged model's weights)
+        worse = value != value or (
+            self.best is not None and (value > self.best if self.mode == "min" else value < self.best)
+        )
         if not worse:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
@@ -131,9 +135,11 @@ def _collate_one(batch: list[Any]) -> Any:
 
 def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs: Any) -> DataLoader:
     """One patient per item; ``num_workers`` capped at the CPUs this process may use (the
-    reference config asks for 8, which on a small machine only adds processes)."""
-    workers = min(cfg.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                  else os.cpu_count() or 1)
+    reference config asks for 8, which on a small machine only adds processes), and 0 with
+    ``cache_features`` (the cache lives in this process: workers would fill copies of it that
+    die with them at the end of every epoch)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = 0 if cfg.cache_features else min(cfg.num_workers, cpus)
     return DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate_one, **kwargs)
 
 

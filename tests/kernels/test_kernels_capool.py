@@ -63,6 +63,15 @@ def _compare(got, want, rel_val: float, rel_grad: float) -> None:
         _assert_close(g, w, rel_grad, f"d/d{name}")
 
 
+def _run_without_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a fresh process with TRITON_INTERPRET unset (Triton reads it at
+    import, so this process cannot switch it off)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def _mha_module_capool(inp: CAPoolInputs) -> tuple[Tensor, Tensor, list[Tensor]]:
     """nn.MultiheadAttention itself with the same weights; gradients of the module's params."""
     C = inp.query.shape[-1]
@@ -208,10 +217,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
         "except RuntimeError as e:\n"
         "    print('ERR', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    res = _run_without_interpreter(code)
     assert res.returncode == 0, res.stderr
     assert "ERR CAPool backend 'triton' cannot run" in res.stdout
     assert "TRITON_INTERPRET=1" in res.stdout and "cpu" in res.stdout
@@ -273,10 +279,7 @@ def test_gpu_triton_op_registration_traces_with_fake_cuda_tensors() -> None:
         "    print(tuple(r.shape), r.dtype, r.device.type, tuple(p.shape), p.dtype,\n"
         "          tuple(dk.shape), dk.dtype, tuple(dx.shape), dx.dtype)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    res = _run_without_interpreter(code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == [
         "(5,", "4,", "40)", "torch.bfloat16", "cuda", "(5,", "4,", "16)", "torch.float32",

@@ -227,6 +227,9 @@ def test_early_stopping_rules_of_the_reference():
         assert not late.stop  # 1..3 bad epochs, but not yet past epoch 3
     late.update(4, 2.0)
     assert late.stop
+    nan = _EarlyStop(patience=3, warmup=0, start_epoch=0, mode="min")
+    assert not nan.update(0, float("nan")) and nan.update(1, 5.0) and not nan.update(2, float("nan"))
+    assert nan.best == 5.0 and nan.best_epoch == 1
     ci = _EarlyStop(patience=1, warmup=0, start_epoch=0, mode="max")
     assert ci.update(0, 0.6) and ci.update(1, 0.7) and not ci.update(2, 0.65) and ci.stop
 
@@ -267,3 +270,17 @@ def test_cli_store_errors_are_one_line(small_config, tmp_path, capsys, override,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsca train: error:") and message in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_loader_workers_capped():
+    """num_workers: 8 (the reference's) is capped at the CPUs; with cache_features the loader
+    stays in this process, where the cache lives."""
+    import os
+
+    from dsca.train import _loader
+
+    base = {"store": "x", "labels": "y", "splits": "z{}"}
+    ds = _Samples(_patients(2))
+    assert _loader(ds, parse_config({**base, "num_workers": 512})).num_workers == len(os.sched_getaffinity(0))
+    assert _loader(ds, parse_config({**base, "num_workers": 1})).num_workers == 1
+    assert _loader(ds, parse_config({**base, "num_workers": 2, "cache_features": True})).num_workers == 0
