@@ -72,7 +72,7 @@ def plot_km(
             ax.plot(cens, surv[np.searchsorted(ts, cens, side="right") - 1], "|", color=colour, ms=6)
         rows.append([int((time[mask] >= t).sum()) for t in ticks])
     ax.set(ylabel="survival probability", ylim=(0, 1.05),
-           title=f"Kaplan-Meier, median split of predicted risk (log-rank p = {p:.2g})")
+           title=f"Kaplan-Meier, median split of predicted risk\nlog-rank p = {p:.2g}")
     ax.legend(loc="upper right")
     tab.axis("off")
     table = tab.table(cellText=rows, rowLabels=["low risk", "high risk"],
