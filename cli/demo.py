@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from dsca.train import train_cross_validation
 
     t0 = time.perf_counter()
-    out: Path = args.out
+    # absolute: the training configs written below resolve relative paths against their own
+    # folder, so `--out dsca-demo` would otherwise point them at dsca-demo/dsca-demo/...
+    out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = SynthSpec(**{**_SPEC, "patients": args.patients, "seed": args.seed})
     log.info("1/4 writing a synthetic CLAM cohort of %d patients to %s", spec.patients, out / "cohort")

@@ -8,9 +8,11 @@ import pandas as pd
 from dsca.cli.dsca_main import main
 
 
-def test_demo_runs_signal_and_control(tmp_path, capsys):
+def test_demo_runs_signal_and_control(tmp_path, capsys, monkeypatch):
+    # a relative --out, as the README's first command uses
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--patients", "20", "--epochs", "1", "--folds", "0"]) == 0
+    assert main(["demo", "--out", "demo", "--patients", "20", "--epochs", "1", "--folds", "0"]) == 0
     text = capsys.readouterr().out
     assert "test C-index (signal)" in text and "test C-index (control)" in text
     for run in ("signal", "control"):
