@@ -11,10 +11,18 @@ memory of a training step (one patient, ~1,000 x5 patches, 16,000 x20 rows):
   hit real rows: 100 of the 144 tap-positions of a block, so 31% fewer multiply-adds than
   ``nn.Conv2d`` with zero padding, and no im2col/padding buffers;
 * cross-attention pooling goes through :func:`dsca.kernels.capool` (projection folding: K and V
-  of the 16 rows are never formed);
+  of the 16 rows are never formed); where its torch backend would run, the LayerNorm + ReLU
+  before it and its attend-and-pool core run fused over chunks of blocks
+  (:class:`_NormReluAttend`), so that neither the normalized rows nor their gradient is ever
+  held whole: only the conv output is kept for backward;
 * the Transformer encoder equals ``nn.TransformerEncoder`` (names, eval outputs) but keeps a
   one-byte dropout mask instead of float [heads, N, N] matrices for backward, and draws its
-  dropout masks four per 64 random bits.
+  dropout masks four per 64 random bits; its [heads, chunk, N] attention temporaries are a
+  few buffers reused across chunks and updated in place.
+
+Memory of a training step (issue 3, peak RSS growth): every temporary of more than a few
+MiB is either allocated once per call and reused across chunks, or bounded by a chunk size;
+many short-lived mid-sized temporaries also fragment glibc's heap, which keeps their pages.
 
 Notation: ``M = B * N`` blocks, 16 rows per block (row ``4 * r + c`` of the 4x4 grid),
 ``D`` input feature size, ``C`` embedding size, ``H`` heads.
@@ -29,8 +37,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from dsca.kernels import capool
-from dsca.kernels.reference import key_directions, scaled_query
+from dsca.kernels import capool, resolve_backend
+from dsca.kernels.reference import capool_folded, key_directions, scaled_query
 
 __all__ = [
     "AvgPoolEmbedding",
@@ -295,11 +303,14 @@ class _BlockEmbedding(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
         self.act = nn.ReLU(inplace=True)
 
+    def conv_rows(self, x20: Tensor) -> Tensor:
+        """x20: [B, 16N, D] -> block conv output [B*N, 16, C] (before norm and ReLU)."""
+        B, L, D = x20.shape
+        return self.conv(x20.reshape(B * (L // BLOCK), BLOCK, D))
+
     def embed_rows(self, x20: Tensor) -> Tensor:
         """x20: [B, 16N, D] -> [B*N, 16, C]."""
-        B, L, D = x20.shape
-        rows = x20.reshape(B * (L // BLOCK), BLOCK, D)
-        return self.act(self.norm(self.conv(rows)))
+        return self.act(self.norm(self.conv_rows(x20)))
 
 
 class AvgPoolEmbedding(_BlockEmbedding):
@@ -347,6 +358,92 @@ def cross_attention_logits(rows: Tensor, query: Tensor, mha: nn.MultiheadAttenti
     return torch.einsum("mhc,mjc->mhj", k_dir, rows) + const.unsqueeze(-1)
 
 
+_NORM_CHUNK = 128  # blocks per pass of _NormReluAttend: bounds its temporaries at 16 x 128 rows
+
+
+class _NormReluAttend(torch.autograd.Function):
+    """LayerNorm + ReLU of the conv output, then the CAPool attend-and-pool core
+    (:func:`dsca.kernels.reference.attend_pool_torch`) on the normalized rows, in chunks of
+    blocks.
+
+    The normalized rows [M, 16, C] are never kept whole: forward makes them one chunk at a
+    time, and backward remakes each chunk from the conv output (saved anyway) and the row
+    statistics; the gradient of the conv output is written chunk by chunk into one buffer.
+    Autograd through the unfused ops would keep the LayerNorm output for backward and form
+    the rows' gradient whole (two einsum products and their sum, [M, 16, C] each).
+
+    Shapes: y [M, 16, C], weight/bias [C], k_dir [M, H, C] -> pooled rows [M, H, C],
+    probabilities [M, H, 16].
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, y: Tensor, weight: Tensor, bias: Tensor, eps: float, k_dir: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        M, J, C = y.shape
+        H = k_dir.shape[1]
+        pooled = y.new_empty(M, H, C)
+        probs = y.new_empty(M, H, J)
+        mean = y.new_empty(M, J, 1)
+        rstd = y.new_empty(M, J, 1)
+        for m0 in range(0, M, _NORM_CHUNK):
+            m1 = min(m0 + _NORM_CHUNK, M)
+            rows, mu, rs = torch.native_layer_norm(y[m0:m1], (C,), weight, bias, eps)
+            rows.relu_()
+            mean[m0:m1], rstd[m0:m1] = mu, rs
+            logits = torch.bmm(k_dir[m0:m1], rows.transpose(1, 2))  # [m, H, 16]
+            torch.softmax(logits, dim=-1, out=probs[m0:m1])
+            torch.bmm(probs[m0:m1], rows, out=pooled[m0:m1])
+        ctx.save_for_backward(y, weight, bias, k_dir, probs, mean, rstd)
+        return pooled, probs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_pooled: Tensor | None, g_probs: Tensor | None):  # type: ignore[override]
+        y, weight, bias, k_dir, probs, mean, rstd = ctx.saved_tensors
+        M, J, C = y.shape
+        need_y, need_w, need_b, _, need_k = ctx.needs_input_grad
+        grad_y = torch.empty_like(y) if need_y else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        grad_k = torch.empty_like(k_dir) if need_k else None
+        mask = (need_y, need_w, need_b)
+        for m0 in range(0, M, _NORM_CHUNK):
+            m1 = min(m0 + _NORM_CHUNK, M)
+            # the chunk's rows again: (y - mean) * rstd * weight + bias, then ReLU
+            rows = torch.sub(y[m0:m1], mean[m0:m1]).mul_(rstd[m0:m1]).mul_(weight).add_(bias)
+            rows.relu_()
+            p = probs[m0:m1]
+            # d probabilities: from the pooled rows and from the caller
+            d_p = torch.zeros_like(p) if g_pooled is None else torch.bmm(
+                g_pooled[m0:m1], rows.transpose(1, 2)
+            )
+            if g_probs is not None:
+                d_p.add_(g_probs[m0:m1])
+            # softmax backward: d logits = p * (d_p - sum_j d_p_j p_j)
+            d_logits = d_p.sub_((d_p * p).sum(dim=-1, keepdim=True)).mul_(p)  # [m, H, 16]
+            if grad_k is not None:
+                torch.bmm(d_logits, rows, out=grad_k[m0:m1])
+            if not any(mask):
+                continue
+            # d rows = p^T g_pooled + d_logits^T k_dir, then through the ReLU
+            d_rows = torch.bmm(d_logits.transpose(1, 2), k_dir[m0:m1])
+            if g_pooled is not None:
+                d_rows.baddbmm_(p.transpose(1, 2), g_pooled[m0:m1])
+            torch.ops.aten.threshold_backward.grad_input(d_rows, rows, 0, grad_input=d_rows)
+            del rows
+            gy, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                d_rows, y[m0:m1], [C], mean[m0:m1], rstd[m0:m1], weight, bias, list(mask)
+            )
+            if grad_y is not None:
+                grad_y[m0:m1] = gy
+            if grad_w is not None:
+                grad_w += gw
+            if grad_b is not None:
+                grad_b += gb
+        return grad_y, grad_w, grad_b, None, grad_k
+
+
 class CAPoolEmbedding(_BlockEmbedding):
     """The x20 embedding of DSCA: block conv + LayerNorm + ReLU, then cross-attention pooling
     of each block of 16 rows with the block's x5 patch (kernel-1 Conv1d, no norm) as query.
@@ -381,6 +478,9 @@ class CAPoolEmbedding(_BlockEmbedding):
         """
         B, N, _ = x5.shape
         query = self.conv_patch_x5(x5).reshape(B * N, -1)  # [M, C]
+        if not need_logits and self._fuse_norm_pool(x20):
+            pooled, probs = self._norm_pool_fused(self.conv_rows(x20), query)
+            return pooled.view(B, N, -1), probs.view(B, N, self.num_heads, BLOCK), None
         rows = self.embed_rows(x20)  # [M, 16, C]
         pooled, probs = self._pool(rows, query)
         logits = None
@@ -388,6 +488,32 @@ class CAPoolEmbedding(_BlockEmbedding):
             logits = cross_attention_logits(rows, query, self.cross_att_pool)
             logits = logits.view(B, N, self.num_heads, BLOCK)
         return pooled.view(B, N, -1), probs.view(B, N, self.num_heads, BLOCK), logits
+
+    def _fuse_norm_pool(self, x20: Tensor) -> bool:
+        """Whether LayerNorm + ReLU + attend-and-pool run fused (:class:`_NormReluAttend`):
+        wherever the torch backend would run them, outside autocast."""
+        dev = x20.device.type
+        return resolve_backend(self.backend, dev) == "torch" and not torch.is_autocast_enabled(dev)
+
+    def _norm_pool_fused(self, conv_rows: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """conv_rows [M, 16, C] (before the norm), query [M, C] -> pooled [M, C],
+        probabilities [M, H, 16]; the same function as ``_pool(act(norm(conv_rows)), query)``
+        but the normalized rows exist only a chunk of blocks at a time (also in backward)."""
+        mha, norm = self.cross_att_pool, self.norm
+
+        def attend(k_dir: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            return _NormReluAttend.apply(y, norm.weight, norm.bias, norm.eps, k_dir)
+
+        return capool_folded(
+            conv_rows,
+            query,
+            mha.in_proj_weight,
+            mha.in_proj_bias,
+            mha.out_proj.weight,
+            mha.out_proj.bias,
+            self.num_heads,
+            attend=attend,
+        )
 
     def _pool(self, rows: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """rows [M, 16, C], query [M, C] -> pooled [M, C], probabilities [M, H, 16]."""
@@ -410,6 +536,29 @@ _LANE_BITS = 15
 _LANES = 1 << _LANE_BITS
 
 
+_DRAW_LANES = 1 << 20  # lanes drawn per piece: bounds the int64 draw buffer at 2 MiB
+
+
+def _draw_keep(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device
+) -> tuple[Tensor, float]:
+    """:func:`keep_mask` as a bool tensor.
+
+    The words are drawn in pieces of whole words, one after the other from the same
+    generator, which gives the same stream as one draw of all the words (so the same mask),
+    without the 2-bytes-per-element int64 buffer of a one-shot draw.
+    """
+    n = math.prod(shape)
+    threshold = round(p * _LANES)
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    for l0 in range(0, n, _DRAW_LANES):  # a multiple of 4 lanes: pieces are whole words
+        l1 = min(l0 + _DRAW_LANES, n)
+        words = torch.empty((l1 - l0 + 3) // 4, dtype=torch.int64, device=device).random_()
+        lanes = words.view(torch.int16)[: l1 - l0].bitwise_and_(_LANES - 1)
+        torch.ge(lanes, threshold, out=mask[l0:l1])
+    return mask.view(shape), _LANES / (_LANES - threshold)
+
+
 def keep_mask(
     shape: torch.Size | tuple[int, ...], p: float, device: torch.device
 ) -> tuple[Tensor, float]:
@@ -423,15 +572,11 @@ def keep_mask(
     exact.
 
     Returns:
-        uint8 mask of ``shape`` (1 = keep; one byte per element, and an in-place float x uint8
-        product is the cheapest way to apply it) and the scale of kept elements.
+        uint8 mask of ``shape`` (1 = keep; one byte per element) and the scale of kept
+        elements.
     """
-    n = math.prod(shape)
-    threshold = round(p * _LANES)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    lanes = words.view(torch.int16)[:n].bitwise_and_(_LANES - 1)
-    keep = (lanes >= threshold).view(torch.uint8)
-    return keep.view(shape), _LANES / (_LANES - threshold)
+    keep, scale = _draw_keep(shape, p, device)
+    return keep.view(torch.uint8), scale
 
 
 class Dropout(nn.Module):
@@ -456,14 +601,20 @@ class Dropout(nn.Module):
 
 # -- Transformer encoder -----------------------------------------------------------------------
 
-_Q_CHUNK = 256  # query rows per attention chunk: bounds the [heads, chunk, N] temporaries
+_Q_CHUNK = 128  # query rows per attention chunk: bounds the [heads, chunk, N] buffers
 
 
 class _DropoutAttention(torch.autograd.Function):
     """softmax(q k^T * scale) with dropout, @ v; memory O(heads N^2) bits instead of floats.
 
-    Forward works in chunks of query rows and keeps only the bool dropout mask and the row
-    log-sum-exp; backward recomputes each chunk's probabilities (one extra q k^T product).
+    Forward works in chunks of query rows and keeps only the bool keep-mask, the row
+    log-sum-exp and the output; backward recomputes each chunk's probabilities (one extra
+    q k^T product). All [G, chunk, N] temporaries are buffers allocated once and reused by
+    every chunk, updated in place: the probabilities (and in backward their gradient), and a
+    float copy of the chunk's mask (a float x bool product would make such a copy anew per
+    product). The softmax backward takes its row sums from
+    ``sum_e dout * out`` (= ``sum_j dP_j P_j``, dropout included), not from a [G, chunk, N]
+    product.
     Shapes: q, k, v [G, N, e] (G = batch x heads) -> [G, N, e].
     """
 
@@ -475,44 +626,62 @@ class _DropoutAttention(torch.autograd.Function):
         G, N, e = q.shape
         scale = e**-0.5
         out = torch.empty_like(q)
-        lse = torch.empty(G, N, dtype=q.dtype, device=q.device)
-        keep, keep_scale = keep_mask((G, N, N), p, q.device) if p > 0 else (None, 1.0)
+        lse = torch.empty(G, N, 1, dtype=q.dtype, device=q.device)
+        keep, keep_scale = _draw_keep((G, N, N), p, q.device) if p > 0 else (None, 1.0)
         kt = k.transpose(1, 2)
+        size = G * min(_Q_CHUNK, N) * N
+        buf = q.new_empty(size)
+        fmask = q.new_empty(size) if keep is not None else None
         for i in range(0, N, _Q_CHUNK):
             j = min(i + _Q_CHUNK, N)
-            s = torch.bmm(q[:, i:j], kt).mul_(scale)  # [G, n, N]
-            lse[:, i:j] = torch.logsumexp(s, dim=-1)
-            prob = s.sub_(lse[:, i:j, None]).exp_()
+            n = G * (j - i) * N
+            s = torch.bmm(q[:, i:j], kt, out=buf[:n].view(G, j - i, N))
+            s.mul_(scale)
+            mx = s.amax(dim=-1, keepdim=True)
+            prob = s.sub_(mx).exp_()
+            total = prob.sum(dim=-1, keepdim=True)
+            lse[:, i:j] = total.log().add_(mx)
             if keep is not None:
-                prob.mul_(keep[:, i:j]).mul_(keep_scale)
+                m = fmask[:n].view(G, j - i, N).copy_(keep[:, i:j])
+                prob.mul_(m).mul_(total.reciprocal_().mul_(keep_scale))
+            else:
+                prob.div_(total)
             torch.bmm(prob, v, out=out[:, i:j])
-        ctx.save_for_backward(q, k, v, lse, *(() if keep is None else (keep,)))
+        ctx.save_for_backward(q, k, v, out, lse, *(() if keep is None else (keep,)))
         ctx.keep_scale = keep_scale
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        q, k, v, lse, *rest = ctx.saved_tensors
+        q, k, v, out, lse, *rest = ctx.saved_tensors
         keep = rest[0] if rest else None
         G, N, e = q.shape
         scale = e**-0.5
         g = grad_out.contiguous()
+        # softmax backward: ds = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dout . out
+        row_dot = (g * out).sum(dim=-1, keepdim=True)  # [G, N, 1]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        size = G * min(_Q_CHUNK, N) * N
+        pbuf, dbuf = q.new_empty(size), q.new_empty(size)
+        fmask = q.new_empty(size) if keep is not None else None
         for i in range(0, N, _Q_CHUNK):
             j = min(i + _Q_CHUNK, N)
-            prob = torch.bmm(q[:, i:j], kt).mul_(scale).sub_(lse[:, i:j, None]).exp_()
-            dprob = torch.bmm(g[:, i:j], vt)  # d(out)/d(dropped prob)
+            n = G * (j - i) * N
+            prob = torch.bmm(q[:, i:j], kt, out=pbuf[:n].view(G, j - i, N))
+            prob.mul_(scale).sub_(lse[:, i:j]).exp_()
+            dprob = torch.bmm(g[:, i:j], vt, out=dbuf[:n].view(G, j - i, N))  # d(dropped P)
+            m = None
             if keep is not None:
-                m = keep[:, i:j]
-                dv.baddbmm_((prob * ctx.keep_scale).mul_(m).transpose(1, 2), g[:, i:j])
-                dprob.mul_(m).mul_(ctx.keep_scale)
-            else:
-                dv.baddbmm_(prob.transpose(1, 2), g[:, i:j])
-            # softmax backward: ds = p * (dp - sum_j dp_j p_j)
-            ds = prob.mul_(dprob.sub_((dprob * prob).sum(dim=-1, keepdim=True)))
+                m = fmask[:n].view(G, j - i, N).copy_(keep[:, i:j]).mul_(ctx.keep_scale)
+                dprob.mul_(m)  # -> dP
+            ds = dprob.sub_(row_dot[:, i:j]).mul_(prob)
             torch.bmm(ds, k, out=dq[:, i:j]).mul_(scale)
             dk.baddbmm_(ds.transpose(1, 2), q[:, i:j], alpha=scale)
+            if m is not None:
+                prob.mul_(m)  # the dropped P
+            dv.baddbmm_(prob.transpose(1, 2), g[:, i:j])
         return dq, dk, dv, None
 
 
