@@ -1,11 +1,27 @@
-"""Shared plumbing of the argparse front ends: logging and failure reporting."""
+"""Shared plumbing of the argparse front ends: help layout, logging and failure reporting."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 
-__all__ = ["add_verbosity", "setup_logging"]
+__all__ = ["HelpFormatter", "add_subcommand", "add_verbosity", "setup_logging"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help; descriptions and examples keep their line breaks."""
+
+
+def add_subcommand(sub: argparse._SubParsersAction, name: str, *, help: str, description: str,
+                   examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help has a description, option defaults and an example section.
+
+    `description` and `examples` are dedented, so they can be written as indented literals.
+    """
+    epilog = "examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  ")
+    return sub.add_parser(name, help=help, description=textwrap.dedent(description).strip(),
+                          epilog=epilog, formatter_class=HelpFormatter)
 
 
 def add_verbosity(parser: argparse.ArgumentParser, subcommand: bool = False) -> None:
@@ -18,7 +34,7 @@ def add_verbosity(parser: argparse.ArgumentParser, subcommand: bool = False) -> 
     quiet_default = argparse.SUPPRESS if subcommand else False
     parser.add_argument(
         "-v", "--verbose", action="count", default=verbose_default,
-        help="more log output (-vv for debug)",
+        help="more log output (-vv for debug and tracebacks)",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", default=quiet_default,
