@@ -1,11 +1,15 @@
 """Readers for CLAM's per-slide outputs (coordinates `.h5`, `pt_files/`, `h5_files/`).
 
 Every reader raises :class:`ClamError` with a one-line, user-facing reason; the caller adds
-the slide id. Slide ids are file stems.
+the slide id. Slide ids are file stems. Each file is read once into memory: its bytes give the
+provenance record (:mod:`dsca.store.provenance`), the zip checksums of a `.pt` and the parsed
+arrays, so nothing is read twice and nothing unchecked is packed.
 """
 from __future__ import annotations
 
+import io
 import logging
+import math
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,63 +20,181 @@ import h5py
 import numpy as np
 import torch
 
+from dsca.atomic import atomic_path
+from dsca.store.provenance import SourceRecord, read_source
+
 __all__ = [
     "ClamError",
     "CoordsFile",
     "FeatureDir",
+    "FeatureFile",
+    "LevelAttrs",
     "index_dir",
+    "parse_level_attrs",
     "read_coords",
     "write_coords",
     "find_coords_dir",
     "read_feature_files",
-    "where",
+    "file_label",
 ]
 
 log = logging.getLogger(__name__)
+
+# No scanner writes a level-0 image 2^31 px wide (that is ~50 m at 0.25 um/px); beyond it
+# int32 grids overflow, so a larger coordinate is corruption, not a slide.
+MAX_COORD = 2**31 - 1
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ClamError(Exception):
     """A CLAM input file that cannot be used; the message is the one-line reason."""
 
 
+def file_label(path: Path) -> str:
+    """`folder/file` of an input file: enough to find it, short enough for a one-line message."""
+    return f"{path.parent.name}/{path.name}"
+
+
+# --- level attributes ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LevelAttrs:
+    """How one coordinates file's patches sit on the slide's level 0.
+
+    Attributes:
+        patch_size: patch width in pixels of the level it was cut at.
+        downsample: [2] level-0 pixels per pixel of that level (per axis, may be non-integer).
+        patch_level: pyramid level the patches were cut at (None when unknown).
+        level_dim: (width, height) of that level in its own pixels, when the file records it;
+            bounds the coordinates.
+    """
+
+    patch_size: int
+    downsample: tuple[float, float]
+    patch_level: int | None = None
+    level_dim: tuple[int, int] | None = None
+
+    @property
+    def step(self) -> np.ndarray:
+        """[2] int64 level-0 size of one patch, as CLAM steps its grid (int(size * ds))."""
+        return (self.patch_size * np.asarray(self.downsample)).astype(np.int64)
+
+    @property
+    def extent(self) -> np.ndarray | None:
+        """[2] level-0 (width, height) of the slide, when known."""
+        if self.level_dim is None:
+            return None
+        return np.ceil(np.asarray(self.level_dim, dtype=np.float64) * np.asarray(self.downsample))
+
+
+_LEVEL_KEYS = ("patch_size", "patch_level", "downsample")
+
+
+def parse_level_attrs(text: str | None) -> dict[str, Any]:
+    """`"patch_size=256,patch_level=2,downsample=16"` -> {key: value}, for files that lack them.
+
+    `downsample` may be one number or two joined by `x` (`16.0012x16.0009`).
+    """
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise ClamError(f"level attrs {text!r}: expected key=value pairs, got {part!r}")
+        if key not in _LEVEL_KEYS:
+            raise ClamError(f"level attrs {text!r}: unknown key {key!r} (use {', '.join(_LEVEL_KEYS)})")
+        try:
+            out[key] = [float(v) for v in value.split("x")] if key == "downsample" else int(value)
+        except ValueError:
+            raise ClamError(f"level attrs {text!r}: {key} must be a number, got {value!r}") from None
+    return out
+
+
+def _number(value: Any) -> float:
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"expected one number, got {arr.size}")
+    return float(arr[0])
+
+
+def _level_attrs(attrs: Mapping[str, Any], given: Mapping[str, Any], what: str) -> LevelAttrs:
+    """Validated level attributes: the file's own, or `given` (the command line) where absent.
+
+    Never guessed: CLAM always writes patch_size, patch_level and downsample, so a file without
+    them was written by another tool, whose conventions cannot be assumed.
+    """
+    merged: dict[str, Any] = {}
+    for key in _LEVEL_KEYS:
+        if key in attrs and key in given:
+            same = np.allclose(np.asarray(attrs[key], dtype=np.float64).reshape(-1),
+                               np.asarray(given[key], dtype=np.float64).reshape(-1), rtol=1e-6)
+            if not same:
+                raise ClamError(f"{what} has {key}={attrs[key]!r} but the command line gives {given[key]!r}")
+        if key in attrs:
+            merged[key] = attrs[key]
+        elif key in given:
+            merged[key] = given[key]
+    absent = [k for k in _LEVEL_KEYS if k not in merged]
+    if absent:
+        raise ClamError(f"{what} has no {', '.join(absent)} attribute{'s' if len(absent) > 1 else ''} "
+                        "(CLAM writes patch_size, patch_level and downsample on 'coords'); pass them "
+                        "with --x5-attrs/--x20-attrs, e.g. patch_size=256,patch_level=2,downsample=16")
+    try:
+        size, level = _number(merged["patch_size"]), _number(merged["patch_level"])
+        ds = np.broadcast_to(np.asarray(merged["downsample"], dtype=np.float64).reshape(-1), (2,))
+    except (ValueError, TypeError):
+        raise ClamError(f"{what}: patch_size/patch_level/downsample are not numbers "
+                        f"({merged['patch_size']!r}, {merged['patch_level']!r}, {merged['downsample']!r})") from None
+    if not (math.isfinite(size) and size == int(size) and 1 <= size <= 1 << 16):
+        raise ClamError(f"{what}: patch_size {merged['patch_size']!r} is not a whole number of pixels in 1..65536")
+    if not (math.isfinite(level) and level == int(level) and 0 <= level <= 32):
+        raise ClamError(f"{what}: patch_level {merged['patch_level']!r} is not a pyramid level (0..32)")
+    if not (np.all(np.isfinite(ds)) and np.all(ds >= 1.0) and np.all(ds <= 1e5)):
+        raise ClamError(f"{what}: downsample {ds.tolist()} is not a finite factor in 1..1e5")
+    dim = None
+    if "level_dim" in attrs:
+        raw = np.asarray(attrs["level_dim"], dtype=np.float64).reshape(-1)
+        if raw.size != 2 or not np.all(np.isfinite(raw)) or np.any(raw < 1):
+            raise ClamError(f"{what}: level_dim {attrs['level_dim']!r} is not a (width, height) in pixels")
+        dim = (int(raw[0]), int(raw[1]))
+    return LevelAttrs(int(size), (float(ds[0]), float(ds[1])), int(level), dim)
+
+
+# --- coordinates ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CoordsFile:
     """One CLAM coordinates file.
 
     Attributes:
-        coords: [N, 2] int64 level-0 (x, y) of each patch's top-left corner.
-        attrs: the `coords` dataset's attributes (patch_size, patch_level, downsample, ...).
+        coords: [N, 2] int64 level-0 (x, y) of each patch's top-left corner, validated: finite,
+            non-negative, inside the slide when the file records its size.
+        attrs: the `coords` dataset's attributes as written.
+        level: the validated level attributes.
+        source: what was read (None for coordinates not read from a file).
     """
 
     coords: np.ndarray
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    level: LevelAttrs = LevelAttrs(256, (1.0, 1.0))
+    source: SourceRecord | None = None
 
     @property
     def patch_size(self) -> int:
-        return int(np.asarray(self.attrs.get("patch_size", 256)).reshape(-1)[0])
+        return self.level.patch_size
 
     @property
     def patch_level(self) -> int | None:
-        level = self.attrs.get("patch_level")
-        return None if level is None else int(level)
+        return self.level.patch_level
 
     @property
     def downsample(self) -> np.ndarray:
-        """[2] float64 per-axis downsample of the patch level (1, 1 when unknown)."""
-        ds = np.asarray(self.attrs.get("downsample", (1.0, 1.0)), dtype=np.float64).reshape(-1)
-        return np.broadcast_to(ds, (2,)).copy() if ds.size in (1, 2) else np.ones(2)
+        """[2] float64 per-axis downsample of the patch level."""
+        return np.asarray(self.level.downsample, dtype=np.float64)
 
     @property
     def step(self) -> np.ndarray:
-        """[2] int64 level-0 size of one patch, as CLAM steps its grid (int(size * ds))."""
-        return (self.patch_size * self.downsample).astype(np.int64)
-
-
-def _h5_attrs(dset: h5py.Dataset, f: h5py.File) -> dict[str, Any]:
-    # CLAM puts the attrs on the dataset; some forks put them on the file.
-    attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    attrs.update({k: _plain(v) for k, v in dset.attrs.items()})
-    return attrs
+        return self.level.step
 
 
 def _plain(value: Any) -> Any:
@@ -85,58 +207,71 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_coords(coords: np.ndarray, what: str) -> np.ndarray:
+def _h5_attrs(dset: h5py.Dataset, f: h5py.File) -> dict[str, Any]:
+    # CLAM puts the attrs on the dataset; some forks put them on the file.
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    attrs.update({k: _plain(v) for k, v in dset.attrs.items()})
+    return attrs
+
+
+def check_coords(coords: np.ndarray, what: str, level: LevelAttrs | None = None) -> np.ndarray:
+    """[N, 2] level-0 corners as int64, or ClamError naming the first bad patch."""
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ClamError(f"{what} has shape {coords.shape}, expected [N, 2]")
     if coords.shape[0] == 0:
         raise ClamError(f"{what} is empty (0 patches)")
-    if not np.issubdtype(coords.dtype, np.integer):
-        if not np.all(np.isfinite(coords)):
-            raise ClamError(f"{what} contains NaN/Inf")
-        coords = np.rint(coords)
-    return coords.astype(np.int64)
+    if not (np.issubdtype(coords.dtype, np.integer) or np.issubdtype(coords.dtype, np.floating)):
+        raise ClamError(f"{what} has dtype {coords.dtype}, expected integers")
+    values = coords.astype(np.float64)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ClamError(f"{what} contain NaN/Inf (first at row {int(np.argmax(bad))})")
+    for mask, why in ((values < 0, "negative"), (values > MAX_COORD, f"beyond 2^31 px")):
+        rows = mask.any(axis=1)
+        if rows.any():
+            row = int(np.argmax(rows))
+            raise ClamError(f"{what}: patch {row} at {values[row].tolist()} is {why}")
+    extent = level.extent if level is not None else None
+    if extent is not None:
+        outside = (values >= extent[None, :]).any(axis=1)
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise ClamError(f"{what}: patch {row} at {values[row].astype(np.int64).tolist()} lies outside the "
+                            f"slide ({int(extent[0])} x {int(extent[1])} px at level 0, from level_dim x downsample)")
+    return np.rint(values).astype(np.int64)
 
 
-def where(path: Path) -> str:
-    """`folder/file` of a CLAM file: enough to find it, short enough for a one-line message."""
-    return f"{path.parent.name}/{path.name}"
+def read_coords(path: Path, given: Mapping[str, Any] | None = None) -> CoordsFile:
+    """Read a CLAM coordinates file (`patches/<slide_id>.h5`, dataset `coords`).
 
-
-def _check_file(path: Path) -> None:
-    # a dangling link (cohort moved) or a folder named like a slide must be reported, not skipped
-    if not path.is_file():
-        kind = "broken symbolic link" if path.is_symlink() else "not a regular file"
-        raise ClamError(f"{where(path)}: unreadable ({kind})")
-    if path.stat().st_size == 0:
-        raise ClamError(f"{where(path)}: empty file (0 bytes)")
-
-
-def read_coords(path: Path) -> CoordsFile:
-    """Read a CLAM coordinates file (`patches/<slide_id>.h5`, dataset `coords`)."""
-    _check_file(path)
+    Args:
+        path: the file.
+        given: level attributes for files that lack them (see :func:`parse_level_attrs`);
+            a file's own attributes win, and a conflict with `given` is an error.
+    """
+    data, source = _read_bytes(path)
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(io.BytesIO(data), "r") as f:
             if "coords" not in f:
-                raise ClamError(f"{where(path)}: no 'coords' dataset")
+                raise ClamError(f"{file_label(path)}: no 'coords' dataset")
             dset = f["coords"]
-            coords = dset[()]
+            coords = np.asarray(dset[()])
             attrs = _h5_attrs(dset, f)
     except ClamError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ClamError(f"{where(path)}: unreadable or truncated h5 ({_short(exc)})") from None
-    return CoordsFile(_check_coords(np.asarray(coords), f"{where(path)} coords"), attrs)
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+    level = _level_attrs(attrs, given or {}, file_label(path))
+    return CoordsFile(check_coords(coords, f"{file_label(path)} coords", level), attrs, level, source)
 
 
 def write_coords(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """Write a coordinates file in CLAM's layout (int64 `coords` [N,2] with its attrs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         for key, value in attrs.items():
             dset.attrs[key] = value
-    tmp.replace(path)
 
 
 def _short(exc: BaseException) -> str:
@@ -147,6 +282,21 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _read_bytes(path: Path) -> tuple[bytes, SourceRecord]:
+    # a dangling link (cohort moved) or a folder named like a slide must be reported, not skipped
+    if not path.is_file():
+        kind = "broken symbolic link" if path.is_symlink() else "not a regular file"
+        raise ClamError(f"{file_label(path)}: unreadable ({kind})")
+    try:
+        data, source = read_source(path)
+    except OSError as exc:
+        raise ClamError(f"{file_label(path)}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise ClamError(f"{file_label(path)}: empty file (0 bytes)")
+    return data, source
+
+
+# --- directories ---------------------------------------------------------------------------
 def find_coords_dir(path: Path) -> Path:
     """A coords DIR may be CLAM's save dir (holding `patches/`) or `patches/` itself."""
     path = Path(path)
@@ -161,11 +311,12 @@ def index_dir(folder: Path, suffix: str) -> dict[str, list[Path]]:
     """slide id (file stem) -> its files in `folder` with `suffix` (any case).
 
     Every entry counts, also broken links and non-files, so that the reader can say why it
-    cannot use them; more than one file per id (`A.pt`, `A.PT`) is a duplicate.
+    cannot use them; more than one file per id (`A.pt`, `A.PT`) is a duplicate. Temp files of
+    interrupted writers (hidden names) are not slides.
     """
     files: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() == suffix:
+        if p.suffix.lower() == suffix and not p.name.endswith(".tmp"):
             files.setdefault(p.stem, []).append(p)
     return files
 
@@ -175,7 +326,7 @@ class FeatureDir:
     """A CLAM feature-extraction output: `pt_files/` and/or `h5_files/`.
 
     `root` may be the extraction root or either sub-folder; features come from `.pt` when
-    present (faster), the `.h5` copy is used for its coordinates (and features otherwise).
+    present (faster), the `.h5` copy is used for its coordinates and compared with the `.pt`.
     """
 
     root: Path
@@ -214,34 +365,67 @@ class FeatureDir:
         pt, h5 = self.pt.get(slide_id), self.h5.get(slide_id)
         return (pt[0] if pt else None), (h5[0] if h5 else None)
 
-    def peek_dim(self, slide_id: str) -> int | None:
-        """Feature dim without reading the data (None when unreadable)."""
+    def peek_shape(self, slide_id: str) -> tuple[int, ...] | None:
+        """Shape of the features that would be read, without reading their values when the
+        format allows (zip `.pt`, `.h5`); a legacy `.pt` is loaded whole. None when unreadable
+        (the real read then reports why)."""
         pt, h5 = self.files(slide_id)
         try:
-            if pt is not None:  # the copy that is read; mmap reads only the header
-                t = torch.load(pt, map_location="cpu", mmap=True, weights_only=True)
-                return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.ndim >= 1 else None
+            if pt is not None:
+                with open(pt, "rb") as f:
+                    zipped = f.read(4) == _ZIP_MAGIC
+                # mmap reads only the header, but exists for the zip format alone
+                t = torch.load(pt, map_location="cpu", mmap=zipped, weights_only=True)
+                return tuple(t.shape) if isinstance(t, torch.Tensor) else None
             with h5py.File(h5, "r") as f:
-                return int(f["features"].shape[-1])
+                return tuple(f["features"].shape)
         except Exception:  # noqa: BLE001 - a peek; the real read reports the reason
             return None
 
 
-def read_feature_files(pt: Path | None, h5: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features [N, D] (from `pt` when given, else `h5`) and the h5 copy's coords or None."""
+# --- features ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureFile:
+    """The features of one slide at one level.
+
+    Attributes:
+        features: [N, D] floating point, from the `.pt` when there is one, else the `.h5`.
+        coords: [N, 2] int64 of the `.h5` copy, or None.
+        pt, h5: the source records of the files read.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray | None
+    pt: SourceRecord | None
+    h5: SourceRecord | None
+
+
+def read_feature_files(pt: Path | None, h5: Path | None) -> FeatureFile:
+    """Read a slide's features; when both copies exist they must hold the same values.
+
+    CLAM writes `pt_files/` and `h5_files/` from one pass, so copies that differ come from two
+    extraction runs (e.g. a re-extraction that replaced one folder only) and neither can be
+    trusted to match the coordinates.
+    """
     if pt is None and h5 is None:
         raise ClamError("no feature file")
-    if h5 is None:
-        return _read_pt(pt), None
-    h5_features, h5_shape, h5_coords = _read_h5_features(h5, need=pt is None)
+    h5_features = h5_coords = h5_source = pt_source = None
+    if h5 is not None:
+        h5_features, h5_coords, h5_source = _read_h5_features(h5)
     if pt is None:
-        return h5_features, h5_coords
-    features = _read_pt(pt)
-    # CLAM writes both copies from one pass; differing shapes mean they come from different runs
-    if tuple(features.shape) != h5_shape:
-        raise ClamError(f"{where(pt)} is {list(features.shape)} but {where(h5)} holds features "
-                        f"{list(h5_shape)}: the two copies differ")
-    return features, h5_coords
+        return FeatureFile(h5_features, h5_coords, None, h5_source)
+    features, pt_source = _read_pt(pt)
+    if h5_features is not None:
+        if features.shape != h5_features.shape:
+            raise ClamError(f"{file_label(pt)} is {list(features.shape)} but {file_label(h5)} holds features "
+                            f"{list(h5_features.shape)}: the two copies differ")
+        a, b = (features, h5_features.astype(features.dtype)) if features.dtype.itemsize <= h5_features.dtype.itemsize \
+            else (features.astype(h5_features.dtype), h5_features)
+        if not np.array_equal(a, b, equal_nan=True):
+            row = int(np.argmax(np.any(a != b, axis=1)))
+            raise ClamError(f"{file_label(pt)} and {file_label(h5)} hold different feature values (first at "
+                            f"row {row}): the two copies differ, re-extract or remove one")
+    return FeatureFile(features, h5_coords, pt_source, h5_source)
 
 
 def _check_features(x: np.ndarray, what: str) -> np.ndarray:
@@ -254,37 +438,47 @@ def _check_features(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def _read_pt(path: Path) -> np.ndarray:
-    _check_file(path)
+def _read_pt(path: Path) -> tuple[np.ndarray, SourceRecord]:
+    """A `.pt` tensor [N, D], zip (torch >= 1.6) or legacy format, loaded without unpickling code.
+
+    A zip `.pt` carries a CRC-32 per member that torch.load never checks: flipped bytes in the
+    data would load as wrong values, so the CRCs are checked first.
+    """
+    data, source = _read_bytes(path)
+    if data[:4] == _ZIP_MAGIC:
+        try:
+            bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise ClamError(f"{file_label(path)}: unreadable or truncated .pt ({_short(exc)})") from None
+        if bad is not None:
+            raise ClamError(f"{file_label(path)}: corrupt .pt (checksum mismatch in {bad.split('/', 1)[-1]})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ClamError(f"{where(path)}: unreadable or truncated .pt ({_short(exc)})") from None
+        raise ClamError(f"{file_label(path)}: unreadable or truncated .pt ({_short(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-        raise ClamError(f"{where(path)}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
+        raise ClamError(f"{file_label(path)}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
     if not isinstance(obj, torch.Tensor):
-        raise ClamError(f"{where(path)}: holds a {type(obj).__name__}, expected a tensor [N, D]")
+        raise ClamError(f"{file_label(path)}: holds a {type(obj).__name__}, expected a tensor [N, D]")
     if obj.dtype == torch.bfloat16:
         obj = obj.float()
-    return _check_features(obj.numpy(), where(path))
+    return _check_features(obj.numpy(), file_label(path)), source
 
 
-def _read_h5_features(path: Path, need: bool) -> tuple[np.ndarray | None, tuple[int, ...], np.ndarray | None]:
-    """(features if `need`, the features' shape, coords or None) of an `h5_files/` file."""
-    _check_file(path)
+def _read_h5_features(path: Path) -> tuple[np.ndarray, np.ndarray | None, SourceRecord]:
+    """(features [N, D], coords [N, 2] or None, record) of an `h5_files/` file."""
+    data, source = _read_bytes(path)
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(io.BytesIO(data), "r") as f:
             if "features" not in f:
-                raise ClamError(f"{where(path)}: no 'features' dataset")
+                raise ClamError(f"{file_label(path)}: no 'features' dataset")
             coords = f["coords"][()] if "coords" in f else None
-            shape = tuple(f["features"].shape)
-            features = f["features"][()] if need else None
+            features = f["features"][()]
     except ClamError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ClamError(f"{where(path)}: unreadable or truncated h5 ({_short(exc)})") from None
-    if features is not None:
-        features = _check_features(np.asarray(features), where(path))
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+    features = _check_features(np.asarray(features), file_label(path))
     if coords is not None:
-        coords = _check_coords(np.asarray(coords), f"{where(path)} coords")
-    return features, shape, coords
+        coords = check_coords(np.asarray(coords), f"{file_label(path)} coords")
+    return features, coords, source

@@ -10,7 +10,12 @@ unfinished slides.
 One convert at a time per store (a lock that dies with its process).
 
 Input problems fail their slide only (one line naming the slide, the file and the reason);
-the other slides are converted and the report lists every failure.
+the other slides are converted and the report lists every failure. Nothing outside
+``slides/<valid slide id>/`` and the store's own metadata files is ever deleted or written.
+
+Each slide records its sources (path, size, mtime, crc32c); a rerun converts a complete slide
+again when its sources changed since (a re-extraction into the same folders), and skips it
+otherwise.
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from tqdm import tqdm
 
 import dsca
+from dsca.atomic import atomic_write
+from dsca.progress import Progress
 from dsca.store._layout import (
     BLOCK,
     DEFAULT_CODEC,
@@ -48,22 +54,26 @@ from dsca.store._layout import (
     LEVELS,
     SCALE,
     SLIDES,
+    TEMP_FILE,
     codec_chain,
     complete_attrs,
     complete_slides,
     rows_per_chunk,
+    slide_folder,
+    slide_id_problem,
 )
 from dsca.store.align import check_alignment
 from dsca.store.clam import (
     ClamError,
     CoordsFile,
     FeatureDir,
+    file_label,
     find_coords_dir,
     index_dir,
     read_coords,
     read_feature_files,
-    where,
 )
+from dsca.store.provenance import source_changes
 
 __all__ = ["ConvertReport", "ConvertError", "convert_cohort", "read_label_slides"]
 
@@ -81,7 +91,9 @@ class ConvertReport:
 
     Attributes:
         converted: slides written by this run.
-        skipped: slides already complete in the store (resume).
+        skipped: slides already complete in the store (resume), their sources unchanged.
+        reconverted: complete slides whose sources changed since; converted again (also in
+            `converted` when that succeeded).
         failures: (slide_id, one-line reason) of every slide that was not converted.
         missing: slides listed in the labels CSV without any feature file.
         source_bytes: bytes of the source files read for the converted slides.
@@ -91,6 +103,7 @@ class ConvertReport:
     out: Path
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reconverted: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     source_bytes: int = 0
@@ -110,6 +123,8 @@ class ConvertReport:
 
 @dataclass(frozen=True)
 class _SlideTask:
+    """Everything one converter needs for one slide (picklable: sent to worker processes)."""
+
     slide_id: str
     out: str
     x5_coords: str | None
@@ -122,6 +137,20 @@ class _SlideTask:
     codec: str
     dim: int | None
     patient_id: str | None
+    x5_attrs: dict[str, Any] = field(default_factory=dict)
+    x20_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def source_files(self) -> dict[str, str | None]:
+        """role -> the file this slide is read from (the keys of its `sources` attribute)."""
+        both5, both20 = self.x5_pt is not None, self.x20_pt is not None
+        return {
+            "x5_coords": self.x5_coords,
+            "x20_coords": self.x20_coords,
+            "x5_features": self.x5_pt or self.x5_h5,
+            "x5_features_h5": self.x5_h5 if both5 else None,
+            "x20_features": self.x20_pt or self.x20_h5,
+            "x20_features_h5": self.x20_h5 if both20 else None,
+        }
 
 
 def read_label_slides(labels: str | Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -168,7 +197,7 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
     return f"first at row {row}: {a[row].tolist()} vs {b[row].tolist()}"
 
 
-def _check_values(x: np.ndarray, what: str, dtype: np.dtype) -> None:
+def _check_range(x: np.ndarray, what: str, dtype: np.dtype) -> None:
     """NaN/Inf in the source, or values the stored dtype cannot hold (float16 tops out at 65504).
 
     Two reductions (NaN propagates through min/max) instead of an isfinite mask: the common,
@@ -186,7 +215,31 @@ def _check_values(x: np.ndarray, what: str, dtype: np.dtype) -> None:
                     f"(+-{limit:.6g}); convert with --dtype float32")
 
 
-def _validate(task: _SlideTask) -> tuple[np.ndarray, np.ndarray, CoordsFile, dict]:
+def _check_rows(n: int, x5_rows: int, x20_rows: int) -> None:
+    """Row counts of the two levels against the x5 coords; names a swap of x5/x20 folders."""
+    if x5_rows == BLOCK * x20_rows:
+        raise ClamError(f"x5 and x20 look swapped: x5 features have {x5_rows} rows, x20 {x20_rows} "
+                        f"(x20 should have {BLOCK}x the x5 rows); check --x5-features/--x20-features")
+    if n == BLOCK * x5_rows and x20_rows == n:
+        raise ClamError(f"x5 and x20 coords look swapped: the x5 coords file has {n} rows = {BLOCK}x the "
+                        f"{x5_rows} x5 feature rows; check --x5-coords/--x20-coords")
+    if x5_rows != n:
+        raise ClamError(f"x5 features have {x5_rows} rows but the coords file has {n}")
+    if x20_rows != BLOCK * x5_rows:
+        raise ClamError(f"x20 features have {x20_rows} rows, expected {BLOCK} x {n} x5 rows = {BLOCK * n}")
+
+
+@dataclass
+class _Slide:
+    """One validated slide, ready to be written."""
+
+    x5: np.ndarray
+    x20: np.ndarray
+    low: CoordsFile
+    sources: dict[str, dict[str, Any]]
+
+
+def _validate(task: _SlideTask) -> _Slide:
     """Read and check one slide; raises ClamError with the reason."""
     if task.x5_coords is None:
         raise ClamError("missing x5 coords file (no patches/<slide>.h5)")
@@ -198,56 +251,64 @@ def _validate(task: _SlideTask) -> tuple[np.ndarray, np.ndarray, CoordsFile, dic
     def path(p: str | None) -> Path | None:
         return Path(p) if p else None
 
-    low = _read("x5 coords", read_coords, Path(task.x5_coords))
-    x5, x5_h5_coords = _read("x5 features", read_feature_files, path(task.x5_pt), path(task.x5_h5))
-    x20, x20_h5_coords = _read("x20 features", read_feature_files, path(task.x20_pt), path(task.x20_h5))
+    low = _read("x5 coords", read_coords, Path(task.x5_coords), task.x5_attrs)
+    f5 = _read("x5 features", read_feature_files, path(task.x5_pt), path(task.x5_h5))
+    f20 = _read("x20 features", read_feature_files, path(task.x20_pt), path(task.x20_h5))
+    x5, x20 = f5.features, f20.features
     n = low.coords.shape[0]
-    if x5.shape[0] != n:
-        raise ClamError(f"x5 features have {x5.shape[0]} rows but the coords file has {n}")
-    if x20.shape[0] != BLOCK * x5.shape[0]:
-        raise ClamError(f"x20 features have {x20.shape[0]} rows, expected {BLOCK} x {n} x5 rows = {BLOCK * n}")
+    _check_rows(n, x5.shape[0], x20.shape[0])
     if x5.shape[1] != x20.shape[1]:
         raise ClamError(f"feature dims differ between levels: x5 {x5.shape[1]}, x20 {x20.shape[1]}")
     if task.dim is not None and x5.shape[1] != task.dim:
         raise ClamError(f"feature dim {x5.shape[1]} differs from the cohort's {task.dim}")
     dtype = np.dtype(task.dtype)
-    _check_values(x5, "x5 features", dtype)
-    _check_values(x20, "x20 features", dtype)
-    if x5_h5_coords is not None and not np.array_equal(x5_h5_coords, low.coords):
-        raise ClamError(f"x5 {where(Path(task.x5_h5))} coords disagree with the x5 coords file "
-                        f"{where(Path(task.x5_coords))} ({_first_difference(x5_h5_coords, low.coords)})")
-    high_ds = None
-    high = None
+    _check_range(x5, "x5 features", dtype)
+    _check_range(x20, "x20 features", dtype)
+    if f5.coords is not None and not np.array_equal(f5.coords, low.coords):
+        raise ClamError(f"x5 {file_label(Path(task.x5_h5))} coords disagree with the x5 coords file "
+                        f"{file_label(Path(task.x5_coords))} ({_first_difference(f5.coords, low.coords)})")
+    sources = {"x5_coords": low.source, "x5_features": f5.pt or f5.h5,
+               "x5_features_h5": f5.h5 if f5.pt else None,
+               "x20_features": f20.pt or f20.h5, "x20_features_h5": f20.h5 if f20.pt else None}
+    high, high_ds = f20.coords, None
     if task.x20_coords is not None:
-        high_file = _read("x20 coords", read_coords, Path(task.x20_coords))
-        high, high_ds = high_file.coords, (high_file.downsample if "downsample" in high_file.attrs else None)
-        if x20_h5_coords is not None and not np.array_equal(x20_h5_coords, high):
-            raise ClamError(f"x20 {where(Path(task.x20_h5))} coords disagree with the x20 coords file "
-                            f"{where(Path(task.x20_coords))} ({_first_difference(x20_h5_coords, high)})")
-    elif x20_h5_coords is not None:
-        high = x20_h5_coords
+        high_file = _read("x20 coords", read_coords, Path(task.x20_coords), task.x20_attrs)
+        sources["x20_coords"] = high_file.source
+        if f20.coords is not None and not np.array_equal(f20.coords, high_file.coords):
+            raise ClamError(f"x20 {file_label(Path(task.x20_h5))} coords disagree with the x20 coords file "
+                            f"{file_label(Path(task.x20_coords))} ({_first_difference(f20.coords, high_file.coords)})")
+        high, high_ds = high_file.coords, high_file.downsample
     if high is not None:
         reason = check_alignment(low, high, high_ds)
         if reason:
             raise ClamError(reason)
-    sources = {
-        name: {"file": os.path.basename(p), "bytes": os.path.getsize(p)}
-        for name, p in (("x5_coords", task.x5_coords), ("x20_coords", task.x20_coords),
-                        ("x5_features", task.x5_pt or task.x5_h5), ("x20_features", task.x20_pt or task.x20_h5))
-        if p
-    }
-    return x5, x20, low, sources
+    records = {role: rec.to_attrs() for role, rec in sources.items() if rec is not None}
+    return _Slide(x5, x20, low, records)
+
+
+# A slide's patch grid spans its tissue's bounding box; tissue pieces far apart leave it mostly
+# empty, but no real slide has more than this many empty cells per patch. A stray far-away
+# patch (a corrupted coordinate) would otherwise inflate grid_index to gigabytes.
+_MAX_CELLS_PER_PATCH = 256
+_MIN_CELLS = 1 << 16
 
 
 def _grid(low: CoordsFile) -> tuple[np.ndarray, np.ndarray, int]:
     """grid [N,2] int32 = coords // step, grid_index [H,W] int32 (-1 = none), #collisions."""
-    grid = (low.coords // low.step[None, :]).astype(np.int32)
-    h, w = int(grid[:, 1].max()) + 1, int(grid[:, 0].max()) + 1
+    grid64 = low.coords // low.step[None, :]
+    h, w = int(grid64[:, 1].max()) + 1, int(grid64[:, 0].max()) + 1
+    n = len(grid64)
+    if h * w > max(_MIN_CELLS, _MAX_CELLS_PER_PATCH * n):
+        centre = np.median(grid64, axis=0)
+        far = int(np.argmax(np.abs(grid64 - centre).max(axis=1)))
+        raise ClamError(f"patch grid spans {w} x {h} cells for {n} patches: patch {far} "
+                        f"at {low.coords[far].tolist()} lies far from the others (a stray or corrupted coordinate?)")
+    grid = grid64.astype(np.int32)
     index = np.full((h, w), -1, dtype=np.int32)
-    rows = np.arange(len(grid), dtype=np.int32)
+    rows = np.arange(n, dtype=np.int32)
     # reversed so that, where two patches share a cell, the first one in source order wins
     index[grid[::-1, 1], grid[::-1, 0]] = rows[::-1]
-    collisions = len(grid) - int(np.count_nonzero(index >= 0))
+    collisions = n - int(np.count_nonzero(index >= 0))
     return grid, index, collisions
 
 
@@ -266,10 +327,13 @@ def _array_spec(data: np.ndarray, codec: str) -> dict:
         "shards": (n_chunks * rows, *data.shape[1:]),
         "compressors": codec_chain(codec) if data.dtype.kind == "f" else codec_chain("none"),
         "fill_value": 0,
+        # every chunk stored, also an all-zero one: a chunk missing from the shard index (or a
+        # missing shard file) is then damage that readers and verify report, never zeros
+        "config": {"write_empty_chunks": True},
     }
 
 
-def _write_group(out: str, slide_id: str, arrays: dict[str, tuple[np.ndarray, str]], attrs: dict) -> None:
+def _write_group(folder: Path, arrays: dict[str, tuple[np.ndarray, str]], attrs: dict) -> None:
     """Write a slide's group: marked incomplete, each array in one go, then marked complete.
 
     zarr's public sync API, one call per step. (The whole group as one coroutine through zarr's
@@ -279,7 +343,7 @@ def _write_group(out: str, slide_id: str, arrays: dict[str, tuple[np.ndarray, st
     # a store rooted at the slide's folder: zarr then has no parent groups to "ensure", which it
     # does by writing temp files into the root and slides/ folders on every create (a kill
     # would strand them there); everything this writes stays inside the slide's own folder
-    group = zarr.create_group(store=f"{out}/{SLIDES}/{slide_id}", attributes={"complete": False}, zarr_format=3)
+    group = zarr.create_group(store=str(folder), attributes={"complete": False}, zarr_format=3)
     for name, (data, codec) in arrays.items():
         group.create_array(name, **_array_spec(data, codec))[...] = data
     # one metadata write (atomic: zarr writes a temp file and renames it), after all the data:
@@ -299,50 +363,59 @@ class _WriteFailed(Exception):
     """Writing to the store failed (disk full, permissions): fatal for the run, not the slide."""
 
 
+def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, Any], int]:
+    """Read, validate and lay out one slide: (arrays to write, slide attrs, source bytes)."""
+    slide = _validate(task)
+    dtype = np.dtype(task.dtype)
+    grid, grid_index, collisions = _grid(slide.low)
+    arrays = {
+        "x5": (_cast(slide.x5, dtype), task.codec),
+        "x20": (_cast(slide.x20, dtype).reshape(-1, BLOCK, slide.x20.shape[1]), task.codec),
+        "coords": (slide.low.coords.astype(np.int64), "none"),
+        "grid": (grid, "none"),
+        "grid_index": (grid_index, "none"),
+    }
+    attrs = {
+        "patient_id": task.patient_id,
+        "n_patches": int(slide.low.coords.shape[0]),
+        "patch_size": slide.low.patch_size,
+        "patch_level": slide.low.patch_level,
+        "downsample": slide.low.downsample.tolist(),
+        "step": slide.low.step.tolist(),
+        "grid_collisions": collisions,
+        "codec": task.codec,
+        "all_chunks": True,
+        "sources": slide.sources,
+    }
+    return arrays, attrs, sum(int(src["bytes"]) for src in slide.sources.values())
+
+
 def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
     """Validate + write one slide. Returns (slide_id, failure reason or None, source bytes).
 
-    An input problem fails the slide; a write problem raises _WriteFailed (every later slide
+    Anything that goes wrong before the write fails this slide only, with one line (the
+    traceback goes to the debug log); a write problem raises _WriteFailed (every later slide
     would fail the same way).
     """
     try:
-        x5, x20, low, sources = _validate(task)
+        arrays, attrs, nbytes = _prepare(task)
     except ClamError as exc:
         return task.slide_id, str(exc), 0
     except MemoryError:
         return task.slide_id, "out of memory while reading the slide", 0
     except Exception as exc:  # noqa: BLE001 - one odd input must not stop a 1,000-slide run
         log.debug("reading %s failed", task.slide_id, exc_info=True)
-        return task.slide_id, f"cannot read its files ({type(exc).__name__}: {exc})", 0
-    dtype = np.dtype(task.dtype)
-    grid, grid_index, collisions = _grid(low)
-    arrays = {
-        "x5": (_cast(x5, dtype), task.codec),
-        "x20": (_cast(x20, dtype).reshape(-1, BLOCK, x20.shape[1]), task.codec),
-        "coords": (low.coords.astype(np.int64), "none"),
-        "grid": (grid, "none"),
-        "grid_index": (grid_index, "none"),
-    }
-    attrs = {
-        "patient_id": task.patient_id,
-        "n_patches": int(low.coords.shape[0]),
-        "patch_size": low.patch_size,
-        "patch_level": low.patch_level,
-        "downsample": low.downsample.tolist(),
-        "step": low.step.tolist(),
-        "grid_collisions": collisions,
-        "sources": sources,
-    }
-    folder = _slide_folder(task)
+        return task.slide_id, f"cannot read its files ({type(exc).__name__}: {exc}; -vv for the traceback)", 0
+    folder = slide_folder(task.out, task.slide_id)
     try:
         with _ctrl_c_deferred():
-            if folder.exists():  # incomplete leftovers of a killed run, or --overwrite
+            if folder.exists():  # incomplete leftovers of a killed run, --overwrite, changed sources
                 shutil.rmtree(folder)
-            _write_group(task.out, task.slide_id, arrays, attrs)
+            _write_group(folder, arrays, attrs)
     except Exception as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
-    return task.slide_id, None, sum(int(src["bytes"]) for src in sources.values())
+    return task.slide_id, None, nbytes
 
 
 @contextlib.contextmanager
@@ -366,34 +439,41 @@ def _ctrl_c_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _slide_folder(task: _SlideTask) -> Path:
-    return Path(task.out) / SLIDES / task.slide_id
-
-
 def _remove_if_incomplete(task: _SlideTask) -> None:
     """Drop what an interrupted writer left of `task`'s slide (a finished slide stays)."""
-    if complete_attrs(_slide_folder(task)) is None:
-        shutil.rmtree(_slide_folder(task), ignore_errors=True)
+    folder = slide_folder(task.out, task.slide_id)
+    if complete_attrs(folder) is None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> dict:
-    """Create the root group or check an existing one; drop stale consolidated metadata."""
+def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict, bool]:
+    """Create the root group or check an existing one; drop stale consolidated metadata.
+
+    Returns (root attrs, whether this call created the store). A failed creation (full disk,
+    permissions) removes what it wrote: no half-initialised store is left behind.
+    """
     if (out / "zarr.json").exists():
-        root = zarr.open_group(out, mode="r+", use_consolidated=False)
-        attrs = dict(root.attrs)
+        try:
+            root = zarr.open_group(out, mode="r+", use_consolidated=False)
+            attrs = dict(root.attrs)
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for a damaged store
+            raise ConvertError(f"{out}: cannot open the existing store ({type(exc).__name__}: {exc})") from None
         if attrs.get("format") != FORMAT:
             raise ConvertError(f"{out} exists but is not a {FORMAT} store (format={attrs.get('format')!r})")
         if attrs.get("dtype") != dtype:
             # even with --overwrite: slides that fail or are not redone would keep the old dtype
             raise ConvertError(f"{out} holds {attrs.get('dtype')} features, asked for {dtype}; "
                                "convert into a new --out")
-        if SLIDES not in root:
-            root.create_group(SLIDES)
-        _drop_consolidated(out)
-        return attrs
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            if not (out / SLIDES / "zarr.json").is_file():
+                root.create_group(SLIDES)
+            _drop_consolidated(out)
+        except OSError as exc:
+            raise ConvertError(f"{out}: cannot update the store ({exc.strerror or exc})") from None
+        return attrs, False
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
-    root = zarr.open_group(out, mode="w", zarr_format=3)
+    existed = out.exists()
     attrs = {
         "format": FORMAT,
         "feature_dim": None,
@@ -404,9 +484,36 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> dict:
         "extractor": extractor,
         "created_by": f"dsca {dsca.__version__}",
     }
-    root.attrs.update(attrs)
-    root.create_group(SLIDES)
-    return attrs
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        root = zarr.create_group(store=str(out), attributes=attrs, zarr_format=3)
+        root.create_group(SLIDES)
+    except Exception as exc:
+        _remove_new_store(out, existed)
+        raise ConvertError(f"{out}: cannot create the store ({type(exc).__name__}: {exc})") from None
+    return attrs, True
+
+
+def _remove_new_store(out: Path, existed: bool) -> None:
+    """Remove a store this run created and left without any complete slide.
+
+    Only the names this module writes are removed, and an existing (empty) folder stays.
+    """
+    (out / "zarr.json").unlink(missing_ok=True)
+    for tmp in out.iterdir() if out.is_dir() else ():
+        if TEMP_FILE.fullmatch(tmp.name) and tmp.is_file():
+            tmp.unlink()
+    slides = out / SLIDES
+    if slides.is_dir():
+        (slides / "zarr.json").unlink(missing_ok=True)
+        for child in slides.iterdir():
+            if slide_id_problem(child.name) is None and child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            slides.rmdir()
+    if not existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def _drop_consolidated(out: Path) -> None:
@@ -414,9 +521,24 @@ def _drop_consolidated(out: Path) -> None:
     meta = out / "zarr.json"
     doc = json.loads(meta.read_text())
     if doc.pop("consolidated_metadata", None) is not None:
-        tmp = meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        tmp.replace(meta)
+        with atomic_write(meta) as f:
+            f.write(json.dumps(doc, indent=2))
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of metadata writes that a kill interrupted (zarr's `*.partial`, ours `.*.tmp`)."""
+    for folder in (out, out / SLIDES):
+        for stale in folder.iterdir() if folder.is_dir() else ():
+            if TEMP_FILE.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():
+                stale.unlink()
+
+
+def _update_root(out: Path, updates: dict[str, Any]) -> None:
+    """Set root attributes (one atomic zarr.json write); a failure is a ConvertError."""
+    try:
+        zarr.open_group(out, mode="r+", use_consolidated=False).attrs.update(updates)
+    except Exception as exc:  # noqa: BLE001
+        raise ConvertError(f"{out}: cannot update the store's metadata ({type(exc).__name__}: {exc})") from None
 
 
 def convert_cohort(
@@ -433,8 +555,14 @@ def convert_cohort(
     overwrite: bool = False,
     progress: bool = True,
     extractor: str | None = None,
+    x5_attrs: dict[str, Any] | None = None,
+    x20_attrs: dict[str, Any] | None = None,
 ) -> ConvertReport:
-    """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report."""
+    """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report.
+
+    `x5_attrs`/`x20_attrs` give level attributes (patch_size, patch_level, downsample) for
+    coordinate files that lack them; a file's own attributes always win.
+    """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -454,14 +582,17 @@ def convert_cohort(
     report = ConvertReport(out=out)
     sources = {"x5 coords": c5, "x20 coords": c20, "x5 pt_files": f5.pt, "x5 h5_files": f5.h5,
                "x20 pt_files": f20.pt, "x20 h5_files": f20.h5}
-    failures = _duplicate_ids(sources)
+    everything = set(c5) | f5.slide_ids | f20.slide_ids
+    if not everything:
+        raise ConvertError(f"no slides found: no .h5 in {c5_dir}, no .pt/.h5 in {f5.root} or {f20.root}")
+    failures = {sid: problem for sid in everything if (problem := slide_id_problem(sid)) is not None}
+    everything -= set(failures)
+    failures.update(_duplicate_ids({what: {s: p for s, p in files.items() if s in everything}
+                                    for what, files in sources.items()}))
     label_map: dict[str, str] = {}
     if labels is not None:
         label_map, dup = read_label_slides(labels)
         failures.update(dup)
-    everything = set(c5) | f5.slide_ids | f20.slide_ids
-    if not everything:
-        raise ConvertError(f"no slides found: no .h5 in {c5_dir}, no .pt/.h5 in {f5.root} or {f20.root}")
     report.missing = sorted(s for s in label_map if s not in everything and s not in failures)
     unlabelled = sorted(everything - set(label_map) - set(failures)) if labels is not None else []
     if unlabelled:
@@ -469,18 +600,16 @@ def convert_cohort(
         log.warning("%d slides are not in the labels CSV (%s%s); converted without a patient id",
                     len(unlabelled), ", ".join(unlabelled[:3]), more)
 
-    attrs = _init_store(out, dtype, codec, extractor or f5.root.name)
+    attrs, created = _init_store(out, dtype, codec, extractor or f5.root.name)
     lock = _lock(out)
     try:
-        for stale in [*out.glob("*.partial"), *(out / SLIDES).glob("*.partial")]:
-            stale.unlink()  # temp files of a metadata write that a kill interrupted
-        complete = set(complete_slides(out))
+        _remove_temp_files(out)
+        complete = complete_slides(out)
         dim = attrs.get("feature_dim")
         if dim is None:
-            dims = Counter(d for sid in sorted(everything) for d in (f5.peek_dim(sid), f20.peek_dim(sid)) if d)
-            dim = dims.most_common(1)[0][0] if dims else None
+            dim = _cohort_dim(f5, f20, sorted(everything - set(failures)))
             if dim is not None:  # recorded before any slide: a killed run must leave a readable store
-                zarr.open_group(out, mode="r+", use_consolidated=False).attrs["feature_dim"] = int(dim)
+                _update_root(out, {"feature_dim": int(dim)})
 
         def first(files: dict[str, list[Path]], sid: str) -> str | None:
             return str(files[sid][0]) if sid in files else None
@@ -489,24 +618,71 @@ def convert_cohort(
         for sid in sorted(everything):
             if sid in failures:
                 continue
-            if sid in complete and not overwrite:
-                report.skipped.append(sid)
-                continue
             if c20_dir is not None and sid not in c20:
                 failures[sid] = f"missing x20 coords file (no {sid}.h5 in {c20_dir})"
                 continue
-            tasks.append(_SlideTask(sid, str(out), first(c5, sid), first(c20, sid), first(f5.pt, sid),
-                                    first(f5.h5, sid), first(f20.pt, sid), first(f20.h5, sid),
-                                    dtype, codec, dim, label_map.get(sid)))
+            task = _SlideTask(sid, str(out), first(c5, sid), first(c20, sid), first(f5.pt, sid),
+                              first(f5.h5, sid), first(f20.pt, sid), first(f20.h5, sid),
+                              dtype, codec, dim, label_map.get(sid), dict(x5_attrs or {}), dict(x20_attrs or {}))
+            if sid in complete and not overwrite:
+                changes = source_changes(complete[sid].get("sources", {}), task.source_files())
+                if not changes:
+                    report.skipped.append(sid)
+                    continue
+                log.warning("%s: sources changed since it was converted (%s); converting it again",
+                            sid, "; ".join(changes))
+                report.reconverted.append(sid)
+            tasks.append(task)
         if report.skipped:
             log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
-        _convert_all(tasks, jobs, progress, report, failures)
+        try:
+            _convert_all(tasks, jobs, progress, report, failures)
+        finally:
+            _finish_store(out, created)
     finally:
         os.close(lock)
     report.failures = sorted(failures.items())
     report.converted.sort()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _cohort_dim(f5: FeatureDir, f20: FeatureDir, slide_ids: list[str]) -> int | None:
+    """The feature dim most slides have (every readable file counts, legacy `.pt` included)."""
+    dims: Counter[int] = Counter()
+    for sid in slide_ids:
+        for shape in (f5.peek_shape(sid), f20.peek_shape(sid)):
+            if shape is not None and len(shape) == 2 and shape[1] > 0:
+                dims[int(shape[1])] += 1
+    if len(dims) > 1:
+        log.info("feature dims differ between slides (%s); the cohort's is taken to be %d",
+                    ", ".join(f"{d}: {n} files" for d, n in dims.most_common()), dims.most_common(1)[0][0])
+    return dims.most_common(1)[0][0] if dims else None
+
+
+def _finish_store(out: Path, created: bool) -> None:
+    """Make the store consistent however the run ends: temp files gone, codecs in use recorded,
+    metadata consolidated; a store this run created that holds no complete slide is removed."""
+    _remove_temp_files(out)
+    complete = complete_slides(out)
+    if created and not complete:
+        _remove_new_store(out, existed=True)
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        return
+    codecs = sorted({str(a.get("codec", "?")) for a in complete.values()})
+    try:
+        if codecs:
+            _update_root(out, {"codec": codecs[0] if len(codecs) == 1 else "mixed: " + ", ".join(codecs)})
+        # also after an error or Ctrl-C: readers then see every slide completed so far at once
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(str(out))
+    except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the slides are complete, readers
+        # fall back to listing them one by one; the next run consolidates
+        _remove_temp_files(out)
+        raise ConvertError(f"{out}: the converted slides are complete, but writing the store's summary "
+                           f"metadata failed ({type(exc).__name__}: {exc}); rerun to finish it") from None
 
 
 def _duplicate_ids(sources: dict[str, dict[str, list[Path]]]) -> dict[str, str]:
@@ -553,24 +729,18 @@ def _lock(out: Path) -> int:
 
 def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: ConvertReport,
                  failures: dict[str, str]) -> None:
-    """Run the tasks into `report`/`failures`; consolidate the metadata however the run ends."""
-    bar = tqdm(total=len(tasks), desc="convert", unit="slide", disable=None if progress else True)
-    try:
-        for sid, reason, nbytes in _run(tasks, jobs):
-            bar.update()
-            if reason is None:
-                report.converted.append(sid)
-                report.source_bytes += nbytes
-            else:
-                failures[sid] = reason
-    except _WriteFailed as exc:
-        raise ConvertError(str(exc)) from exc
-    finally:
-        bar.close()
-        # also after an error or Ctrl-C: readers then see every slide completed so far at once
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            zarr.consolidate_metadata(report.out)
+    """Run the tasks into `report`/`failures`."""
+    with Progress(len(tasks), "convert", "slide", enabled=progress) as bar:
+        try:
+            for sid, reason, nbytes in _run(tasks, jobs):
+                bar.update()
+                if reason is None:
+                    report.converted.append(sid)
+                    report.source_bytes += nbytes
+                else:
+                    failures[sid] = reason
+        except _WriteFailed as exc:
+            raise ConvertError(str(exc)) from exc
 
 
 def _worker(conn: Connection) -> None:

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
-from dsca.store.reader import FeatureStore
+from dsca.store.reader import CHECKED_DEFAULT, FeatureStore
 
 __all__ = ["PatientDataset", "PatientSample", "LABEL_COLUMNS"]
 
@@ -45,14 +45,18 @@ class PatientDataset(Dataset):
         patient_slides: patient id -> slide ids (the concatenation order).
         labels: optional DataFrame indexed by patient id with float columns t, e, y_t, y_c.
         dtype: torch dtype of the features (decoded straight into it).
+        checked: verify each chunk's crc32c while reading (`FeatureStore.open`); a damaged
+            chunk then raises StoreError, also out of DataLoader workers.
 
     The store is opened lazily in each process (zarr keeps an event-loop thread, so a handle
     must never cross a fork); pickling drops the handle.
     """
 
     def __init__(self, store_path: str | Path, patient_slides: Mapping[str, Sequence[str]],
-                 labels: pd.DataFrame | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 labels: pd.DataFrame | None = None, dtype: torch.dtype = torch.float32,
+                 checked: bool = CHECKED_DEFAULT) -> None:
         self.store_path = Path(store_path)
+        self.checked = checked
         self.patient_ids = list(patient_slides)
         self.patient_slides = {p: list(s) for p, s in patient_slides.items()}
         self.dtype = dtype
@@ -77,7 +81,7 @@ class PatientDataset(Dataset):
     @property
     def store(self) -> FeatureStore:
         if self._store is None or self._pid != os.getpid():
-            self._store = FeatureStore.open(self.store_path)
+            self._store = FeatureStore.open(self.store_path, checked=self.checked)
             self._pid = os.getpid()
         return self._store
 

@@ -7,8 +7,11 @@ one preallocated output (casting float16 -> float32 in the same pass), which is 
 faster than zarr's generic pipeline for this access pattern. Any other layout falls back to
 zarr itself; tests prove both paths return the same arrays.
 
-The direct path does not recompute the crc32c of each chunk (that would cost about as much as
-the read itself); `dsca-store verify` reads every chunk through zarr, which does.
+The direct path never returns bytes it has not accounted for: the shard index's own crc32c
+and every (offset, nbytes) in it are checked on each read (a few dozen bytes), a chunk that
+cannot be read or decoded to exactly its size is a `StoreError` naming the slide and array,
+and with ``checked=True`` (see `FeatureStore.open`) each chunk's crc32c is verified before it
+is decoded, as zarr does. `dsca-store verify` reads every chunk through zarr itself.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import torch
@@ -45,6 +49,11 @@ def _pool() -> ThreadPoolExecutor:
         _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="dsca-store")
         _POOL_PID = os.getpid()
     return _POOL
+
+
+# Whether FeatureStore.open verifies chunk checksums unless told otherwise (see its docstring
+# for the measured cost).
+CHECKED_DEFAULT = True
 
 
 class StoreError(Exception):
@@ -88,19 +97,50 @@ class PatientData:
     lengths: list[int]
 
 
+_MISSING = 2**64 - 1  # zarr's (offset, nbytes) of an inner chunk that was never written
+_CRC_BYTES = 4
+
+# shards already reported as absent (old-format slides read them as fill value): one warning
+# per process and shard, not one per epoch
+_WARNED_ABSENT: set[Path] = set()
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """What the direct path needs to know about one array's single shard."""
+    """What the direct path needs to know about one array's single shard.
 
+    Attributes:
+        where: "<store>: slide <id>: <array>", the start of every error about this array.
+        all_chunks: the slide was written with every chunk (slide attr "all_chunks"), so a
+            missing chunk or shard is damage; without it, zarr's semantics (fill value) hold.
+    """
+
+    where: str
     path: Path
     shape: tuple[int, ...]
     dtype: np.dtype
     chunk_rows: int
     n_chunks: int
     decoder: Any | None  # numcodecs codec, None = raw bytes
+    fill_value: Any
+    all_chunks: bool
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Decoded bytes of one (full-size) inner chunk."""
+        row_elems = int(np.prod(self.shape[1:], dtype=np.int64))
+        return self.chunk_rows * row_elems * self.dtype.itemsize
+
+    def error(self, what: str) -> StoreError:
+        return StoreError(f"{self.where}: {what}")
 
 
-def _direct_layout(arr: zarr.Array, folder: Path) -> _Layout | None:
+def _is_little_bytes(codec: Any, itemsize: int) -> bool:
+    return isinstance(codec, zc.BytesCodec) and (
+        itemsize == 1 or codec.endian is None or codec.endian.value == "little")
+
+
+def _direct_layout(arr: zarr.Array, folder: Path, where: str, all_chunks: bool) -> _Layout | None:
     """The array's layout when it is the one `convert` writes, else None (zarr fallback)."""
     meta = arr.metadata
     try:
@@ -110,10 +150,13 @@ def _direct_layout(arr: zarr.Array, folder: Path) -> _Layout | None:
         shard = codecs[0]
         if shard.index_location != zc.ShardingCodecIndexLocation.end:
             return None
-        inner = list(shard.codecs)
-        if not isinstance(inner[0], zc.BytesCodec) or not isinstance(inner[-1], zc.Crc32cCodec):
+        # the index is parsed here as little-endian uint64 pairs + crc32c (zarr's default)
+        index_codecs = list(shard.index_codecs)
+        if (len(index_codecs) != 2 or not _is_little_bytes(index_codecs[0], 8)
+                or not isinstance(index_codecs[1], zc.Crc32cCodec)):
             return None
-        if arr.dtype.itemsize > 1 and inner[0].endian is not None and inner[0].endian.value != "little":
+        inner = list(shard.codecs)
+        if not _is_little_bytes(inner[0], arr.dtype.itemsize) or not isinstance(inner[-1], zc.Crc32cCodec):
             return None
         middle = inner[1:-1]
         decoder = None
@@ -130,7 +173,8 @@ def _direct_layout(arr: zarr.Array, folder: Path) -> _Layout | None:
         chunk_rows = int(shard.chunk_shape[0])
         n_chunks = int(meta.chunk_grid.chunk_shape[0]) // chunk_rows
         path = folder / "c" / "/".join("0" for _ in arr.shape)
-        return _Layout(path, tuple(arr.shape), np.dtype(arr.dtype), chunk_rows, n_chunks, decoder)
+        return _Layout(where, path, tuple(arr.shape), np.dtype(arr.dtype), chunk_rows, n_chunks, decoder,
+                       meta.fill_value, all_chunks)
     except (AttributeError, TypeError, IndexError):
         return None
 
@@ -144,41 +188,104 @@ def _cast_into(out: np.ndarray, block: np.ndarray) -> None:
         np.copyto(out, block, casting="unsafe")
 
 
+def _crc_ok(data: Any, stored: bytes) -> bool:
+    """crc32c of `data` (a uint8 array) against the 4 little-endian bytes zarr appended."""
+    return google_crc32c.value(data) == int.from_bytes(stored, "little")
+
+
+def _read_index(fd: int, layout: _Layout) -> np.ndarray:
+    """The shard's [n_chunks, 2] (offset, nbytes), after checking it can be trusted.
+
+    Checks its crc32c (so any flipped or truncated byte is caught) and then what a checksum
+    cannot vouch for: every written chunk lies inside the data part of the file, before the
+    index, without overlapping another, and a raw chunk is exactly its size + crc. Only then
+    may the offsets drive reads and allocations (a corrupt nbytes once asked for exabytes).
+    """
+    index_bytes = 16 * layout.n_chunks + _CRC_BYTES
+    size = os.fstat(fd).st_size
+    if size < index_bytes:
+        raise layout.error(f"shard index corrupt (the file has {size} bytes, its index alone "
+                           f"needs {index_bytes}: truncated?)")
+    raw = os.pread(fd, index_bytes, size - index_bytes)
+    if len(raw) != index_bytes:
+        raise layout.error(f"shard index corrupt (read {len(raw)} of {index_bytes} bytes)")
+    if not _crc_ok(np.frombuffer(raw, dtype=np.uint8, count=index_bytes - _CRC_BYTES), raw[-_CRC_BYTES:]):
+        raise layout.error("shard index corrupt (crc32c mismatch: file truncated, overwritten or appended to?)")
+    index = np.frombuffer(raw, dtype="<u8", count=2 * layout.n_chunks).reshape(-1, 2)
+    data_end = size - index_bytes
+    exact = layout.chunk_bytes + _CRC_BYTES if layout.decoder is None else None
+    spans: list[tuple[int, int, int]] = []
+    for k, (offset, nbytes) in enumerate(index.tolist()):
+        if offset == _MISSING and nbytes == _MISSING:
+            continue
+        if offset == _MISSING or nbytes == _MISSING or offset + nbytes > data_end:
+            raise layout.error(f"shard index corrupt (chunk {k} at bytes {offset}+{nbytes}, "
+                               f"beyond the {data_end} bytes of chunk data)")
+        if exact is not None and nbytes != exact:
+            raise layout.error(f"shard index corrupt (chunk {k} has {nbytes} bytes, expected {exact})")
+        if nbytes <= _CRC_BYTES:
+            raise layout.error(f"shard index corrupt (chunk {k} has {nbytes} bytes: no payload)")
+        spans.append((offset, nbytes, k))
+    spans.sort()
+    for (a_off, a_len, a), (b_off, _, b) in zip(spans, spans[1:]):
+        if a_off + a_len > b_off:
+            raise layout.error(f"shard index corrupt (chunks {a} and {b} overlap)")
+    return index
+
+
 def _read_rows_direct(layout: _Layout, out: np.ndarray, chunks: Sequence[int] | None = None,
-                      rows: np.ndarray | None = None) -> None:
-    """Decode chunks of `layout` into `out`.
+                      rows: np.ndarray | None = None, checked: bool = True) -> None:
+    """Decode chunks of `layout` into `out`; any damage found is a StoreError naming the array.
 
     Args:
         out: [N, ...] (all rows) or [len(rows), ...] when `rows` is given.
         chunks: which inner chunks to read (default: all).
         rows: sorted row numbers wanted (default: all rows).
+        checked: verify each chunk's crc32c before decoding it.
     """
     n = layout.shape[0]
-    row_elems = int(np.prod(layout.shape[1:], dtype=np.int64))
-    chunk_bytes = layout.chunk_rows * row_elems * layout.dtype.itemsize
-    fd = os.open(layout.path, os.O_RDONLY)
+    chunk_bytes = layout.chunk_bytes
     try:
-        index_bytes = 16 * layout.n_chunks + 4
-        size = os.fstat(fd).st_size
-        index = np.frombuffer(os.pread(fd, index_bytes, size - index_bytes)[:-4], dtype="<u8").reshape(-1, 2)
-        wanted = range(layout.n_chunks) if chunks is None else chunks
+        fd = os.open(layout.path, os.O_RDONLY)
+    except FileNotFoundError:
+        if layout.all_chunks:
+            raise layout.error("shard file missing: deleted or never written") from None
+        # zarr's semantics for a slide from before "all_chunks": a shard never written holds
+        # only the fill value (an all-zero array was not stored)
+        if layout.path not in _WARNED_ABSENT:
+            _WARNED_ABSENT.add(layout.path)
+            log.warning("%s: no shard file, read as fill value %r", layout.where, layout.fill_value)
+        out[...] = layout.fill_value
+        return
+    try:
+        index = _read_index(fd, layout)
+        wanted = list(range(layout.n_chunks) if chunks is None else chunks)
+        bad = [k for k in wanted if not 0 <= k < layout.n_chunks]
+        if bad:
+            raise layout.error(f"chunk {bad[0]} requested, the array has {layout.n_chunks}")
 
         def one(k: int) -> None:
             lo, hi = k * layout.chunk_rows, min(n, (k + 1) * layout.chunk_rows)
             offset, nbytes = int(index[k, 0]), int(index[k, 1])
-            if offset == 2**64 - 1:  # chunk never written: fill value
-                block = np.zeros((hi - lo, *layout.shape[1:]), dtype=layout.dtype)
+            if offset == _MISSING:
+                if layout.all_chunks:
+                    raise layout.error(f"chunk {k} missing: deleted or never written")
+                block = np.full((hi - lo, *layout.shape[1:]), layout.fill_value, dtype=layout.dtype)
             else:
                 # writable buffers all the way: torch refuses to wrap read-only memory
                 raw = bytearray(nbytes)
-                if os.preadv(fd, [raw], offset) != nbytes:
-                    raise StoreError(f"{layout.path}: truncated shard (chunk {k})")
-                payload: Any = memoryview(raw)[:-4]
+                got = os.preadv(fd, [raw], offset)
+                if got != nbytes:
+                    raise layout.error(f"truncated shard (chunk {k}: read {got} of {nbytes} bytes)")
+                if checked and not _crc_ok(np.frombuffer(raw, dtype=np.uint8, count=nbytes - _CRC_BYTES),
+                                           raw[-_CRC_BYTES:]):
+                    raise layout.error(f"chunk {k} corrupt (crc32c mismatch)")
+                payload: Any = memoryview(raw)[:-_CRC_BYTES]
                 if layout.decoder is not None:
                     decoded = bytearray(chunk_bytes)
                     payload = layout.decoder.decode(payload, out=decoded)
                 if len(payload) != chunk_bytes:
-                    raise StoreError(f"{layout.path}: chunk {k} decodes to {len(payload)} bytes, expected {chunk_bytes}")
+                    raise layout.error(f"chunk {k} decodes to {len(payload)} bytes, expected {chunk_bytes}")
                 block = np.frombuffer(payload, dtype=layout.dtype).reshape(layout.chunk_rows, *layout.shape[1:])
                 block = block[: hi - lo]
             if rows is None:
@@ -187,17 +294,38 @@ def _read_rows_direct(layout: _Layout, out: np.ndarray, chunks: Sequence[int] | 
                 a, b = np.searchsorted(rows, [lo, hi])
                 _cast_into(out[a:b], block[rows[a:b] - lo])
 
-        list(_pool().map(one, wanted))
+        def guarded(k: int) -> None:
+            try:
+                one(k)
+            except StoreError:
+                raise
+            except MemoryError:
+                raise layout.error(f"chunk {k}: out of memory while decoding it") from None
+            except OSError:
+                raise  # the caller names the array and the OS error
+            except Exception as exc:  # noqa: BLE001 - numcodecs/numpy decode errors come as many types
+                raise layout.error(f"chunk {k} cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+        # wait for every chunk before closing fd (one failing must not close it under the others)
+        futures = [_pool().submit(guarded, k) for k in wanted]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first failure, in chunk order
     finally:
         os.close(fd)
 
 
 class FeatureStore:
-    """A `dsca-store/1` Zarr store opened for reading (see ARCHITECTURE.md, Store format)."""
+    """A `dsca-store/1` Zarr store opened for reading (see ARCHITECTURE.md, Store format).
 
-    def __init__(self, root: zarr.Group, path: Path) -> None:
+    Every read either returns the stored values or raises `StoreError` naming the store, slide
+    and array; `checked` (see `open`) decides whether chunk checksums are part of that.
+    """
+
+    def __init__(self, root: zarr.Group, path: Path, checked: bool = CHECKED_DEFAULT) -> None:
         self._root = root
         self.path = path
+        self.checked = checked
         self.attrs: dict[str, Any] = dict(root.attrs)
         if self.attrs.get("format") != FORMAT:
             raise StoreError(f"{path}: not a {FORMAT} store (format={self.attrs.get('format')!r})")
@@ -214,8 +342,16 @@ class FeatureStore:
         self.slide_ids: list[str] = sorted(self._slide_attrs)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
-        """Open a store; `mode="r"` (default) or `"r+"`."""
+    def open(cls, path: str | Path, mode: str = "r", checked: bool = CHECKED_DEFAULT) -> FeatureStore:
+        """Open a store; `mode="r"` (default) or `"r+"`.
+
+        Args:
+            checked: verify each chunk's crc32c before decoding it, so that a flipped bit on
+                disk is a StoreError instead of a wrong feature value. CHECKED_DEFAULT_NOTE
+                Without it the shard index is still checked (a corrupt index or a truncated
+                file is always an error), but a damaged chunk payload reads as wrong numbers.
+                Stores that fall back to zarr's pipeline are always checked by zarr.
+        """
         p = Path(path)
         if not (p / "zarr.json").is_file():
             raise StoreError(f"{p}: no zarr store here (missing zarr.json)")
@@ -225,7 +361,7 @@ class FeatureStore:
                 root = zarr.open_group(p, mode=mode)
         except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
             raise StoreError(f"{p}: cannot open store ({exc})") from None
-        return cls(root, p)
+        return cls(root, p, checked=checked)
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -256,31 +392,64 @@ class FeatureStore:
         if slide_id not in self._slide_attrs:
             raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store (or not complete)")
 
+    def _where(self, slide_id: str, name: str) -> str:
+        return f"{self.path}: slide {slide_id}: {name}"
+
     def _array(self, slide_id: str, name: str) -> tuple[zarr.Array, _Layout | None]:
         key = (slide_id, name)
         if key not in self._arrays:
             self._check(slide_id)
-            arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
+            where = self._where(slide_id, name)
+            try:
+                arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
+            except KeyError:
+                raise StoreError(f"{where}: array missing") from None
+            # written by a convert that stores every chunk, even all-zero ones: anything absent
+            # on disk was lost, not elided
+            all_chunks = self._slide_attrs[slide_id].get("all_chunks") is True
             layout = None
             if isinstance(self._root.store, zarr.storage.LocalStore):
-                layout = _direct_layout(arr, self.path / SLIDES / slide_id / name)
+                layout = _direct_layout(arr, self.path / SLIDES / slide_id / name, where, all_chunks)
+            if layout is None and all_chunks:
+                # zarr itself reads an absent shard or chunk file as fill value; count them
+                # (one listing of the array's folder, once per array and open)
+                stored, total = arr.nchunks_initialized, arr.nchunks
+                if stored < total:
+                    raise StoreError(f"{where}: {total - stored} of {total} chunks missing: "
+                                     "deleted or never written")
             self._arrays[key] = (arr, layout)
         return self._arrays[key]
 
     # --- array reads ------------------------------------------------------------------------
     def _read_into(self, slide_id: str, name: str, out: np.ndarray, rows: np.ndarray | None = None) -> None:
         arr, layout = self._array(slide_id, name)
+        where = self._where(slide_id, name)
+        want = arr.shape[0] if rows is None else len(rows)
+        if out.shape[:1] != (want,) or tuple(out.shape[1:]) != tuple(arr.shape[1:]):
+            # e.g. n_patches in the slide attrs disagreeing with the array: never broadcast
+            raise StoreError(f"{where}: stored shape {tuple(arr.shape)} does not fit the slide "
+                             f"(reading {tuple(out.shape)})")
+        if rows is not None and len(rows) and not 0 <= int(rows[0]) <= int(rows[-1]) < arr.shape[0]:
+            raise StoreError(f"{where}: rows {int(rows[0])}..{int(rows[-1])} requested, "
+                             f"the array has {arr.shape[0]}")
         try:
             if layout is None:
                 data = arr[...] if rows is None else arr.get_orthogonal_selection((rows,))
                 np.copyto(out, data, casting="unsafe")
             elif rows is None:
-                _read_rows_direct(layout, out)
+                _read_rows_direct(layout, out, checked=self.checked)
             else:
                 chunks = np.unique(rows // layout.chunk_rows).tolist()
-                _read_rows_direct(layout, out, chunks, rows)
+                _read_rows_direct(layout, out, chunks, rows, checked=self.checked)
+        except StoreError:
+            raise
         except OSError as exc:
-            raise StoreError(f"{self.path}: slide {slide_id}: cannot read {name} ({exc})") from None
+            raise StoreError(f"{where}: cannot read ({exc})") from None
+        except MemoryError:
+            raise StoreError(f"{where}: out of memory while decoding it") from None
+        except Exception as exc:  # noqa: BLE001 - zarr's pipeline raises many types (checksum: ValueError)
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise StoreError(f"{where}: cannot decode ({type(exc).__name__}: {first})") from None
 
     def read_array(self, slide_id: str, name: str, dtype: Any = None) -> np.ndarray:
         """One stored array (x5, x20, coords, grid, grid_index) of a slide, whole."""

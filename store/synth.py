@@ -212,7 +212,9 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
             tumour_blocks += int(np.sum(types == 0))
             motif_tumour += int(np.sum(positive & (types == 0)))
 
-            w, h = (coords.max(axis=0) + step + origin) // step
+            # the level's own size in its pixels, as CLAM records it (the slide ends a margin
+            # past the tissue)
+            w, h = np.ceil((coords.max(axis=0) + step + origin) / np.asarray(_DOWNSAMPLE)).astype(np.int64)
             attrs = {
                 "patch_size": _PATCH,
                 "patch_level": _LEVEL,

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 
 from dsca.store.align import align_coords, align_dir, block_offsets, check_alignment
-from dsca.store.clam import CoordsFile, read_coords
+from dsca.store.clam import LevelAttrs, CoordsFile, read_coords
 
 
 def test_block_rows_are_row_major_with_downsampled_offsets():
@@ -43,8 +43,7 @@ def test_align_dir_writes_clam_layout(synth_cohort, tmp_path):
 
 
 def test_naive_patch_size_offsets_are_named():
-    low = CoordsFile(np.array([[0, 0], [4096, 0]]), {"patch_size": 256, "patch_level": 2,
-                                                     "downsample": [16.0012, 16.0009]})
+    low = CoordsFile(np.array([[0, 0], [4096, 0]]), level=LevelAttrs(256, (16.0012, 16.0009), patch_level=2))
     naive = align_coords(low.coords, 256, np.ones(2))
     reason = check_alignment(low, naive)
     assert reason is not None and "patch_size (256 px)" in reason and "convention" in reason

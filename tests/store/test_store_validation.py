@@ -31,8 +31,25 @@ def _save_pt(path: Path, x: np.ndarray) -> None:
 
 def _set_h5(path: Path, name: str, data: np.ndarray) -> None:
     with h5py.File(path, "r+") as f:
+        attrs = dict(f[name].attrs)
         del f[name]
-        f.create_dataset(name, data=data)
+        f.create_dataset(name, data=data).attrs.update(attrs)
+
+
+def _set_attrs(path: Path, drop: tuple[str, ...] = (), **values) -> None:
+    with h5py.File(path, "r+") as f:
+        for key in drop:
+            del f["coords"].attrs[key]
+        f["coords"].attrs.update(values)
+
+
+def _set_coords(c5: Path, c20: Path, f5: Path, f20: Path, s: str, coords: np.ndarray) -> None:
+    """New x5 coords for slide `s`, with x20 coords realigned to them everywhere they appear."""
+    low = read_coords(c5 / f"{s}.h5")
+    high = align_coords(coords, 256, low.downsample / 4)
+    for path, data in ((c5 / f"{s}.h5", coords), (f5 / "h5_files" / f"{s}.h5", coords),
+                       (c20 / f"{s}.h5", high), (f20 / "h5_files" / f"{s}.h5", high)):
+        _set_h5(path, "coords", data)
 
 
 # defect name -> a fragment of the expected message (the slide id starts the line)
@@ -56,6 +73,16 @@ EXPECTED = {
     "label_no_patient": "no patient_id in synth_path_full.csv (line",
     "case_duplicate": "duplicate slide id, differing only in case",
     "missing_x20": "missing x20 features",
+    # issue 7
+    "legacy_dim": "feature dim 16 differs from the cohort's 32",
+    "flipped_pt": "x20 features: pt_files/{s}.pt: corrupt .pt (checksum mismatch in data/0)",
+    "copies_values": "x5 features: pt_files/{s}.pt and h5_files/{s}.h5 hold different feature values (first at row 2)",
+    "huge_coords": "x5 coords: patches/{s}.h5 coords: patch 4 at [1099511",
+    "nan_downsample": "x5 coords: patches/{s}.h5: downsample [nan, nan] is not a finite factor",
+    "negative_coords": "x5 coords: patches/{s}.h5 coords: patch 0 at [-4096.0, ",
+    "stray_patch": "lies far from the others (a stray or corrupted coordinate?)",
+    "no_level_attrs": "x5 coords: patches/{s}.h5 has no patch_level, downsample attributes",
+    "swapped": "x5 and x20 look swapped: x5 features have",
 }
 
 
@@ -66,7 +93,17 @@ def _drop_h5(*paths: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def damaged(synth_cohort, tmp_path_factory):
+def cohort40(tmp_path_factory):
+    """A cohort with a slide for every defect (the session cohort has too few)."""
+    from dsca.store.synth import SynthSpec, write_synthetic_cohort
+
+    return write_synthetic_cohort(tmp_path_factory.mktemp("cohort40"), SynthSpec(patients=40, seed=11, dim=32,
+                                                                                 patches=24), progress=False)
+
+
+@pytest.fixture(scope="module")
+def damaged(cohort40, tmp_path_factory):
+    synth_cohort = cohort40
     root = tmp_path_factory.mktemp("damaged") / "cohort"
     shutil.copytree(synth_cohort.root, root)
     c5, c20 = root / "tiles-l2-s256" / "patches", root / "tiles-l1-s256" / "patches"
@@ -97,6 +134,7 @@ def damaged(synth_cohort, tmp_path_factory):
     x = _pt(f5 / "pt_files" / f"{s}.pt")
     x[3, 5] = np.nan
     _save_pt(f5 / "pt_files" / f"{s}.pt", x)
+    _drop_h5(h5(f5, s))
     s = bad["h5_coords"]
     with h5py.File(h5(f5, s), "r") as f:
         coords = f["coords"][()]
@@ -135,6 +173,50 @@ def damaged(synth_cohort, tmp_path_factory):
     x = _pt(f20 / "pt_files" / f"{s}.pt")
     x[7, 1] = 1e6
     _save_pt(f20 / "pt_files" / f"{s}.pt", x)
+    _drop_h5(h5(f20, s))
+    s = bad["legacy_dim"]  # torch's pre-1.6 format, which cannot be memory-mapped to peek its dim
+    for f in (f5, f20):
+        torch.save(torch.from_numpy(_pt(f / "pt_files" / f"{s}.pt")[:, :16].copy()), f / "pt_files" / f"{s}.pt",
+                   _use_new_zipfile_serialization=False)
+        _drop_h5(h5(f, s))
+    torch.save(torch.load(f5 / "pt_files" / f"{good[1]}.pt", weights_only=True), f5 / "pt_files" / f"{good[1]}.pt",
+               _use_new_zipfile_serialization=False)  # a good slide in the legacy format converts
+    s = bad["flipped_pt"]  # one byte flipped inside the tensor data: loads fine, the zip CRC says no
+    p = f20 / "pt_files" / f"{s}.pt"
+    data = bytearray(p.read_bytes())
+    data[data.find(b"data/0") + 200] ^= 0x10
+    p.write_bytes(bytes(data))
+    _drop_h5(h5(f20, s))
+    s = bad["copies_values"]  # same shape, other values: an h5_files copy of another extraction
+    with h5py.File(h5(f5, s), "r") as f:
+        features = f["features"][()]
+    features[2] += 0.5
+    _set_h5(h5(f5, s), "features", features)
+    s = bad["huge_coords"]
+    coords = read_coords(c5 / f"{s}.h5").coords.copy()
+    coords[4] += 2**40
+    _set_coords(c5, c20, f5, f20, s, coords)
+    s = bad["nan_downsample"]
+    _set_attrs(c5 / f"{s}.h5", downsample=np.array([np.nan, np.nan]))
+    s = bad["negative_coords"]
+    coords = read_coords(c5 / f"{s}.h5").coords.copy()
+    coords[0] = [-4096, coords[0, 1]]
+    _set_coords(c5, c20, f5, f20, s, coords)
+    s = bad["stray_patch"]  # inside int32 and no slide size recorded: only the grid's extent tells
+    coords = read_coords(c5 / f"{s}.h5").coords.copy()
+    coords[-1] += 2**28
+    _set_coords(c5, c20, f5, f20, s, coords)
+    _set_attrs(c5 / f"{s}.h5", drop=("level_dim",))
+    _set_attrs(c20 / f"{s}.h5", drop=("level_dim",))
+    s = bad["no_level_attrs"]  # another tool's coords file: its conventions cannot be assumed
+    _set_attrs(c5 / f"{s}.h5", drop=("patch_level", "downsample"))
+    s = bad["swapped"]
+    for name in ("pt_files",):
+        a, b = f5 / name / f"{s}.pt", f20 / name / f"{s}.pt"
+        a.rename(root / "tmp.pt")
+        b.rename(a)
+        (root / "tmp.pt").rename(b)
+    _drop_h5(h5(f5, s), h5(f20, s))
     labels = pd.read_csv(root / "synth_path_full.csv", dtype=str)
     s = bad["label_duplicate"]
     labels = pd.concat([labels, pd.DataFrame([{"pathology_id": s, "patient_id": "SYN-9999", "e": "1", "t": "5"}])])
@@ -166,7 +248,7 @@ def test_bad_slide_named_with_reason(damaged, defect):
     assert EXPECTED[defect].format(s=sid) in lines[0], lines[0]
 
 
-def test_good_slides_converted_and_exit_nonzero(damaged):
+def test_good_slides_converted_and_exit_nonzero(damaged, cohort40):
     bad, good, out, run = damaged
     assert run.returncode == 1, run.stderr
     fs = FeatureStore.open(out)
@@ -174,6 +256,8 @@ def test_good_slides_converted_and_exit_nonzero(damaged):
     # no half-written output: nothing on disk for the bad slides
     on_disk = {p.name for p in (out / "slides").iterdir()}
     assert on_disk == set(fs.slide_ids) | {"zarr.json"}
+    legacy = fs.read_slide(good[1]).x5
+    np.testing.assert_allclose(legacy, _pt(cohort40.x5_features / "pt_files" / f"{good[1]}.pt"), atol=2e-3)  # float16 store
     lowercase = bad["case_duplicate"].lower()
     assert any(line.startswith(f"{lowercase}: duplicate slide id") for line in run.stderr.splitlines())
     assert "SYN-8888-01Z-00-DX1: listed in the labels CSV but has no feature files (missing)" in run.stderr
