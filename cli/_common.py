@@ -9,8 +9,20 @@ import textwrap
 __all__ = ["HelpFormatter", "add_subcommand", "add_verbosity", "setup_logging"]
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's default in its help; descriptions and examples keep their line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default in its help; descriptions and examples keep their line breaks.
+
+    Unlike argparse's ArgumentDefaultsHelpFormatter, nothing is added for options without a
+    real default (None, False: flags and optional paths) or whose help already says it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text or default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_subcommand(sub: argparse._SubParsersAction, name: str, *, help: str, description: str,

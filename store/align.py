@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from einops import rearrange
-from tqdm import tqdm
 
-from dsca.store._layout import SCALE
+from dsca.progress import Progress
+from dsca.store._layout import SCALE, slide_id_problem
 from dsca.store.clam import ClamError, CoordsFile, find_coords_dir, read_coords, write_coords
 
 __all__ = ["block_offsets", "align_coords", "aligned_attrs", "check_alignment", "align_dir", "AlignReport"]
@@ -59,12 +59,12 @@ def aligned_attrs(low: CoordsFile, level: int) -> dict:
     """CLAM attrs describing the high-res file derived from `low` at `level`."""
     factor = SCALE ** ((low.patch_level if low.patch_level is not None else level + 1) - level)
     attrs = dict(low.attrs)
+    attrs["patch_size"] = low.patch_size
     attrs["patch_level"] = level
     attrs["downsample"] = level_downsample(low, level)
     for key in ("downsampled_level_dim", "level_dim"):
         if key in attrs:
             attrs[key] = np.asarray(attrs[key], dtype=np.int64) * factor
-    attrs["patch_size"] = low.patch_size
     return attrs
 
 
@@ -106,33 +106,43 @@ class AlignReport:
         return not self.failures
 
 
-def align_dir(coords_dir: str | Path, out_dir: str | Path, level: int = 1, progress: bool = True) -> AlignReport:
+def align_dir(coords_dir: str | Path, out_dir: str | Path, level: int = 1, progress: bool = True,
+              given: dict | None = None) -> AlignReport:
     """Write aligned level-`level` coords for every `patches/*.h5` under `coords_dir`.
 
     Output mirrors CLAM's layout: `<out_dir>/patches/<slide_id>.h5` (+ the process list).
+    `given` supplies level attributes (patch_size, patch_level, downsample) to files that lack
+    them; a file's own attributes win.
     """
     src = find_coords_dir(Path(coords_dir))
     out = Path(out_dir)
-    (out / "patches").mkdir(parents=True, exist_ok=True)
     failures: list[tuple[str, str]] = []
     written = 0
-    files = sorted(src.glob("*.h5"))
+    files = sorted(p for p in src.glob("*.h5") if not p.name.endswith(".tmp"))
     if not files:
         raise ClamError(f"no coordinate files (*.h5) in {src}")
-    for path in tqdm(files, desc="align", unit="slide", disable=None if progress else True):
-        try:
-            low = read_coords(path)
-            if low.patch_level is not None and low.patch_level <= level:
-                raise ClamError(f"patch_level is {low.patch_level}, cannot align to level {level}")
-            ds = level_downsample(low, level)
-            factor = SCALE ** ((low.patch_level or level + 1) - level)
-            if factor != SCALE:
-                raise ClamError(f"level {level} is {factor}x finer than the coords' level; only {SCALE}x is supported")
-            high = align_coords(low.coords, low.patch_size, ds)
-            write_coords(out / "patches" / path.name, high, aligned_attrs(low, level))
-            written += 1
-        except ClamError as exc:
-            failures.append((path.stem, str(exc)))
+    (out / "patches").mkdir(parents=True, exist_ok=True)
+    with Progress(len(files), "align", "slide", enabled=progress) as bar:
+        for path in files:
+            try:
+                problem = slide_id_problem(path.stem)
+                if problem is not None:
+                    raise ClamError(problem)
+                low = read_coords(path, given)
+                if low.patch_level is not None and low.patch_level <= level:
+                    raise ClamError(f"patch_level is {low.patch_level}, cannot align to level {level}")
+                ds = level_downsample(low, level)
+                factor = SCALE ** ((low.patch_level or level + 1) - level)
+                if factor != SCALE:
+                    raise ClamError(f"level {level} is {factor}x finer than the coords' level; only {SCALE}x is supported")
+                high = align_coords(low.coords, low.patch_size, ds)
+                write_coords(out / "patches" / path.name, high, aligned_attrs(low, level))
+                written += 1
+            except ClamError as exc:
+                failures.append((path.stem, str(exc)))
+            except OSError as exc:  # a full disk or a read-only --out: every later slide fails too
+                raise ClamError(f"writing {out / 'patches' / path.name} failed ({exc.strerror or exc})") from None
+            bar.update()
     process_list = src.parent / "process_list_autogen.csv"
     if process_list.is_file():
         shutil.copy(process_list, out / "process_list_autogen.csv")

@@ -31,6 +31,7 @@ __all__ = [
     "LevelAttrs",
     "index_dir",
     "parse_level_attrs",
+    "peek_shape",
     "read_coords",
     "write_coords",
     "find_coords_dir",
@@ -366,21 +367,27 @@ class FeatureDir:
         return (pt[0] if pt else None), (h5[0] if h5 else None)
 
     def peek_shape(self, slide_id: str) -> tuple[int, ...] | None:
-        """Shape of the features that would be read, without reading their values when the
-        format allows (zip `.pt`, `.h5`); a legacy `.pt` is loaded whole. None when unreadable
-        (the real read then reports why)."""
-        pt, h5 = self.files(slide_id)
-        try:
-            if pt is not None:
-                with open(pt, "rb") as f:
-                    zipped = f.read(4) == _ZIP_MAGIC
-                # mmap reads only the header, but exists for the zip format alone
-                t = torch.load(pt, map_location="cpu", mmap=zipped, weights_only=True)
-                return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+        """Shape of the features that would be read (see :func:`peek_shape`)."""
+        return peek_shape(*self.files(slide_id))
+
+
+def peek_shape(pt: Path | None, h5: Path | None) -> tuple[int, ...] | None:
+    """Shape of the features in `pt` (else `h5`), without reading their values when the format
+    allows (zip `.pt`, `.h5`); a legacy `.pt` is loaded whole. None when unreadable (the real
+    read then reports why)."""
+    try:
+        if pt is not None:
+            with open(pt, "rb") as f:
+                zipped = f.read(4) == _ZIP_MAGIC
+            # mmap reads only the header, but exists for the zip format alone
+            t = torch.load(pt, map_location="cpu", mmap=zipped, weights_only=True)
+            return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+        if h5 is not None:
             with h5py.File(h5, "r") as f:
                 return tuple(f["features"].shape)
-        except Exception:  # noqa: BLE001 - a peek; the real read reports the reason
-            return None
+    except Exception:  # noqa: BLE001 - a peek; the real read reports the reason
+        return None
+    return None
 
 
 # --- features ------------------------------------------------------------------------------

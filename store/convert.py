@@ -70,10 +70,19 @@ from dsca.store.clam import (
     file_label,
     find_coords_dir,
     index_dir,
+    peek_shape,
     read_coords,
     read_feature_files,
 )
 from dsca.store.provenance import source_changes
+from dsca.store.trident import (
+    LOCK_REASON,
+    TridentDir,
+    assemble_blocks,
+    looks_like_trident,
+    read_trident_level,
+    trident_label,
+)
 
 __all__ = ["ConvertReport", "ConvertError", "convert_cohort", "read_label_slides"]
 
@@ -139,10 +148,11 @@ class _SlideTask:
     patient_id: str | None
     x5_attrs: dict[str, Any] = field(default_factory=dict)
     x20_attrs: dict[str, Any] = field(default_factory=dict)
+    trident: bool = False  # TRIDENT outputs: two independent grids, x20 blocks assembled by cell
 
     def source_files(self) -> dict[str, str | None]:
         """role -> the file this slide is read from (the keys of its `sources` attribute)."""
-        both5, both20 = self.x5_pt is not None, self.x20_pt is not None
+        both5, both20 = self.x5_pt is not None and self.x5_h5 is not None, self.x20_pt is not None and self.x20_h5 is not None
         return {
             "x5_coords": self.x5_coords,
             "x20_coords": self.x20_coords,
@@ -237,10 +247,46 @@ class _Slide:
     x20: np.ndarray
     low: CoordsFile
     sources: dict[str, dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_features(task: _SlideTask, x5: np.ndarray, x20: np.ndarray) -> None:
+    if x5.shape[1] != x20.shape[1]:
+        raise ClamError(f"feature dims differ between levels: x5 {x5.shape[1]}, x20 {x20.shape[1]}")
+    if task.dim is not None and x5.shape[1] != task.dim:
+        raise ClamError(f"feature dim {x5.shape[1]} differs from the cohort's {task.dim}")
+    dtype = np.dtype(task.dtype)
+    _check_range(x5, "x5 features", dtype)
+    _check_range(x20, "x20 features", dtype)
+
+
+def _validate_trident(task: _SlideTask) -> _Slide:
+    """Read one slide's two TRIDENT runs and assemble each x5 patch's 4x4 block of x20 tiles."""
+    f5, f20 = task.x5_pt or task.x5_h5, task.x20_pt or task.x20_h5
+    if f5 is None or f20 is None:
+        raise ClamError(f"missing {'x5' if f5 is None else 'x20'} features (no features_<enc>/<slide>.h5)")
+    path = (lambda p: Path(p) if p else None)  # noqa: E731
+    low = _read("x5", read_trident_level, Path(f5), path(task.x5_coords))
+    high = _read("x20", read_trident_level, Path(f20), path(task.x20_coords))
+    blocks = assemble_blocks(low, high)
+    _check_features(task, blocks.x5, blocks.x20)
+    roles = {}
+    for level, name in ((low, "x5"), (high, "x20")):
+        for rec in level.sources:
+            kind = "features" if Path(rec.path).name == Path(level.path).name else "coords"
+            roles[f"{name}_{kind}"] = rec.to_attrs()
+    coords = CoordsFile(blocks.x5_coords, low.attrs, blocks.level5)
+    if blocks.dropped:
+        log.info("%s: %d of %d x5 patches left out: not all 16 of their x20 tiles were extracted",
+                 task.slide_id, blocks.dropped, blocks.dropped + len(blocks.x5))
+    extra = {"format": "trident", "encoder": low.encoder, "dropped_x5_patches": blocks.dropped}
+    return _Slide(blocks.x5, blocks.x20, coords, roles, extra)
 
 
 def _validate(task: _SlideTask) -> _Slide:
     """Read and check one slide; raises ClamError with the reason."""
+    if task.trident:
+        return _validate_trident(task)
     if task.x5_coords is None:
         raise ClamError("missing x5 coords file (no patches/<slide>.h5)")
     if task.x5_pt is None and task.x5_h5 is None:
@@ -257,13 +303,7 @@ def _validate(task: _SlideTask) -> _Slide:
     x5, x20 = f5.features, f20.features
     n = low.coords.shape[0]
     _check_rows(n, x5.shape[0], x20.shape[0])
-    if x5.shape[1] != x20.shape[1]:
-        raise ClamError(f"feature dims differ between levels: x5 {x5.shape[1]}, x20 {x20.shape[1]}")
-    if task.dim is not None and x5.shape[1] != task.dim:
-        raise ClamError(f"feature dim {x5.shape[1]} differs from the cohort's {task.dim}")
-    dtype = np.dtype(task.dtype)
-    _check_range(x5, "x5 features", dtype)
-    _check_range(x20, "x20 features", dtype)
+    _check_features(task, x5, x20)
     if f5.coords is not None and not np.array_equal(f5.coords, low.coords):
         raise ClamError(f"x5 {file_label(Path(task.x5_h5))} coords disagree with the x5 coords file "
                         f"{file_label(Path(task.x5_coords))} ({_first_difference(f5.coords, low.coords)})")
@@ -386,6 +426,7 @@ def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[
         "codec": task.codec,
         "all_chunks": True,
         "sources": slide.sources,
+        **slide.extra,
     }
     return arrays, attrs, sum(int(src["bytes"]) for src in slide.sources.values())
 
@@ -446,10 +487,17 @@ def _remove_if_incomplete(task: _SlideTask) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict, bool]:
+@dataclass(frozen=True)
+class _NewStore:
+    """A store this run created; `folder`: the run also created its folder."""
+
+    folder: bool
+
+
+def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict, _NewStore | None]:
     """Create the root group or check an existing one; drop stale consolidated metadata.
 
-    Returns (root attrs, whether this call created the store). A failed creation (full disk,
+    Returns (root attrs, what this call created or None). A failed creation (full disk,
     permissions) removes what it wrote: no half-initialised store is left behind.
     """
     if (out / "zarr.json").exists():
@@ -470,7 +518,7 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict
             _drop_consolidated(out)
         except OSError as exc:
             raise ConvertError(f"{out}: cannot update the store ({exc.strerror or exc})") from None
-        return attrs, False
+        return attrs, None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
     existed = out.exists()
@@ -491,7 +539,7 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict
     except Exception as exc:
         _remove_new_store(out, existed)
         raise ConvertError(f"{out}: cannot create the store ({type(exc).__name__}: {exc})") from None
-    return attrs, True
+    return attrs, _NewStore(folder=not existed)
 
 
 def _remove_new_store(out: Path, existed: bool) -> None:
@@ -541,6 +589,92 @@ def _update_root(out: Path, updates: dict[str, Any]) -> None:
         raise ConvertError(f"{out}: cannot update the store's metadata ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The indexed input folders of one run: slide id -> its files, per level and kind."""
+
+    c5: dict[str, list[Path]]
+    c20: dict[str, list[Path]]
+    pt5: dict[str, list[Path]]
+    h5_5: dict[str, list[Path]]
+    pt20: dict[str, list[Path]]
+    h5_20: dict[str, list[Path]]
+    c5_dir: Path
+    c20_dir: Path | None
+    roots: tuple[Path, Path]  # the x5 and x20 feature folders
+    trident: bool = False
+    encoder: str | None = None
+    locked: dict[str, str] = field(default_factory=dict)  # slide id -> reason (TRIDENT lock files)
+
+    @classmethod
+    def open(cls, x5_features: str | Path, x20_features: str | Path, x5_coords: str | Path,
+             x20_coords: str | Path | None) -> _Inputs:
+        try:
+            if looks_like_trident(x5_features) or looks_like_trident(x5_coords):
+                return cls._open_trident(x5_features, x20_features, x5_coords, x20_coords)
+            f5, f20 = FeatureDir.open(x5_features), FeatureDir.open(x20_features)
+            c5_dir = find_coords_dir(Path(x5_coords))
+            c20_dir = find_coords_dir(Path(x20_coords)) if x20_coords is not None else None
+        except ClamError as exc:
+            raise ConvertError(str(exc)) from None
+        if c20_dir is None and f20.h5_dir is None:
+            log.warning("x20 alignment is not checked: give --x20-coords (or h5_files with coords)")
+        return cls(index_dir(c5_dir, ".h5"), index_dir(c20_dir, ".h5") if c20_dir else {}, f5.pt, f5.h5, f20.pt,
+                   f20.h5, c5_dir, c20_dir, (f5.root, f20.root))
+
+    @classmethod
+    def _open_trident(cls, x5_features: str | Path, x20_features: str | Path, x5_coords: str | Path,
+                      x20_coords: str | Path | None) -> _Inputs:
+        t5, t20 = TridentDir.open(x5_features), TridentDir.open(x20_features)
+        c5 = TridentDir.open(x5_coords, require_features=False)
+        c20 = TridentDir.open(x20_coords, require_features=False) if x20_coords is not None else t20
+        if t5.root == t20.root:
+            raise ClamError(f"--x5-features and --x20-features are the same TRIDENT run ({t5.root}); "
+                            "pass the 5x and the 20x patching folders")
+
+        def split(files: dict[str, list[Path]], suffix: str) -> dict[str, list[Path]]:
+            return {s: [p for p in ps if p.suffix.lower() == suffix] for s, ps in files.items()
+                    if any(p.suffix.lower() == suffix for p in ps)}
+
+        locked = {sid: f"{level}: {trident_label(locks[0].with_suffix(''))}: {LOCK_REASON}"
+                  for level, tdir in (("x20", c20), ("x20", t20), ("x5", c5), ("x5", t5))
+                  for sid, locks in tdir.locked.items()}
+        return cls(c5.coords, c20.coords, split(t5.features, ".pt"), split(t5.features, ".h5"),
+                   split(t20.features, ".pt"), split(t20.features, ".h5"), c5.root / "patches",
+                   c20.root / "patches", (t5.features_dir or t5.root, t20.features_dir or t20.root),
+                   trident=True, encoder=t5.encoder, locked=locked)
+
+    @property
+    def slide_ids(self) -> set[str]:
+        return set(self.c5) | set(self.pt5) | set(self.h5_5) | set(self.pt20) | set(self.h5_20) | set(self.locked)
+
+    def by_kind(self) -> dict[str, dict[str, list[Path]]]:
+        kinds = ("x5 coords", "x20 coords", "x5 pt_files", "x5 h5_files", "x20 pt_files", "x20 h5_files")
+        return dict(zip(kinds, (self.c5, self.c20, self.pt5, self.h5_5, self.pt20, self.h5_20)))
+
+    def coords_name(self, sid: str) -> str:
+        return f"{sid}_patches.h5" if self.trident else f"{sid}.h5"
+
+    def task(self, sid: str, out: Path, options: _Options, dim: int | None, patient_id: str | None) -> _SlideTask:
+        def first(files: dict[str, list[Path]]) -> str | None:
+            return str(files[sid][0]) if sid in files else None
+
+        return _SlideTask(sid, str(out), first(self.c5), first(self.c20), first(self.pt5), first(self.h5_5),
+                          first(self.pt20), first(self.h5_20), options.dtype, options.codec, dim, patient_id,
+                          dict(options.x5_attrs), dict(options.x20_attrs), trident=self.trident)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How slides are written (validated once in convert_cohort)."""
+
+    dtype: str = "float16"
+    codec: str = DEFAULT_CODEC
+    overwrite: bool = False
+    x5_attrs: dict[str, Any] = field(default_factory=dict)
+    x20_attrs: dict[str, Any] = field(default_factory=dict)
+
+
 def convert_cohort(
     *,
     x5_features: str | Path,
@@ -557,88 +691,58 @@ def convert_cohort(
     extractor: str | None = None,
     x5_attrs: dict[str, Any] | None = None,
     x20_attrs: dict[str, Any] | None = None,
+    labels_map: str | None = None,
 ) -> ConvertReport:
     """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report.
 
     `x5_attrs`/`x20_attrs` give level attributes (patch_size, patch_level, downsample) for
-    coordinate files that lack them; a file's own attributes always win.
+    coordinate files that lack them; a file's own attributes always win. `labels_map` names
+    the labels CSV's columns (see :func:`dsca.labels.parse_labels_map`).
     """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     codec_chain(codec)  # validates the name
+    options = _Options(dtype, codec, overwrite, dict(x5_attrs or {}), dict(x20_attrs or {}))
     out = Path(out)
-    try:
-        f5, f20 = FeatureDir.open(x5_features), FeatureDir.open(x20_features)
-        c5_dir = find_coords_dir(Path(x5_coords))
-        c20_dir = find_coords_dir(Path(x20_coords)) if x20_coords is not None else None
-    except ClamError as exc:
-        raise ConvertError(str(exc)) from None
-    if c20_dir is None and f20.h5_dir is None:
-        log.warning("x20 alignment is not checked: give --x20-coords (or h5_files with coords)")
-    c5 = index_dir(c5_dir, ".h5")
-    c20 = index_dir(c20_dir, ".h5") if c20_dir else {}
-
+    inputs = _Inputs.open(x5_features, x20_features, x5_coords, x20_coords)
     report = ConvertReport(out=out)
-    sources = {"x5 coords": c5, "x20 coords": c20, "x5 pt_files": f5.pt, "x5 h5_files": f5.h5,
-               "x20 pt_files": f20.pt, "x20 h5_files": f20.h5}
-    everything = set(c5) | f5.slide_ids | f20.slide_ids
+    everything = inputs.slide_ids
     if not everything:
-        raise ConvertError(f"no slides found: no .h5 in {c5_dir}, no .pt/.h5 in {f5.root} or {f20.root}")
+        raise ConvertError(f"no slides found: no .h5 in {inputs.c5_dir}, no .pt/.h5 in {inputs.roots[0]} "
+                           f"or {inputs.roots[1]}")
     failures = {sid: problem for sid in everything if (problem := slide_id_problem(sid)) is not None}
+    failures.update({sid: reason for sid, reason in inputs.locked.items() if sid not in failures})
     everything -= set(failures)
     failures.update(_duplicate_ids({what: {s: p for s, p in files.items() if s in everything}
-                                    for what, files in sources.items()}))
-    label_map: dict[str, str] = {}
+                                    for what, files in inputs.by_kind().items()}))
+    patients: dict[str, str] = {}
     if labels is not None:
-        label_map, dup = read_label_slides(labels)
+        patients, dup = read_label_slides(labels)
         failures.update(dup)
-    report.missing = sorted(s for s in label_map if s not in everything and s not in failures)
-    unlabelled = sorted(everything - set(label_map) - set(failures)) if labels is not None else []
+    report.missing = sorted(s for s in patients if s not in everything and s not in failures)
+    unlabelled = sorted(everything - set(patients) - set(failures)) if labels is not None else []
     if unlabelled:
         more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
         log.warning("%d slides are not in the labels CSV (%s%s); converted without a patient id",
                     len(unlabelled), ", ".join(unlabelled[:3]), more)
 
-    attrs, created = _init_store(out, dtype, codec, extractor or f5.root.name)
-    lock = _lock(out)
+    attrs, created = _init_store(out, dtype, codec, extractor or inputs.encoder or inputs.roots[0].name)
     try:
-        _remove_temp_files(out)
-        complete = complete_slides(out)
-        dim = attrs.get("feature_dim")
-        if dim is None:
-            dim = _cohort_dim(f5, f20, sorted(everything - set(failures)))
-            if dim is not None:  # recorded before any slide: a killed run must leave a readable store
-                _update_root(out, {"feature_dim": int(dim)})
-
-        def first(files: dict[str, list[Path]], sid: str) -> str | None:
-            return str(files[sid][0]) if sid in files else None
-
-        tasks = []
-        for sid in sorted(everything):
-            if sid in failures:
-                continue
-            if c20_dir is not None and sid not in c20:
-                failures[sid] = f"missing x20 coords file (no {sid}.h5 in {c20_dir})"
-                continue
-            task = _SlideTask(sid, str(out), first(c5, sid), first(c20, sid), first(f5.pt, sid),
-                              first(f5.h5, sid), first(f20.pt, sid), first(f20.h5, sid),
-                              dtype, codec, dim, label_map.get(sid), dict(x5_attrs or {}), dict(x20_attrs or {}))
-            if sid in complete and not overwrite:
-                changes = source_changes(complete[sid].get("sources", {}), task.source_files())
-                if not changes:
-                    report.skipped.append(sid)
-                    continue
-                log.warning("%s: sources changed since it was converted (%s); converting it again",
-                            sid, "; ".join(changes))
-                report.reconverted.append(sid)
-            tasks.append(task)
-        if report.skipped:
-            log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
-        try:
-            _convert_all(tasks, jobs, progress, report, failures)
-        finally:
-            _finish_store(out, created)
+        lock = _lock(out)
+    except BaseException:
+        _finish_store(out, created, quiet=True)
+        raise
+    try:
+        slide_ids = sorted(everything - set(failures))
+        tasks = _plan(report, out, inputs, options, slide_ids, patients, attrs.get("feature_dim"), failures)
+        _convert_all(tasks, jobs, progress, report, failures)
+    except BaseException:
+        # the first error is the one to report; a full disk would fail the clean-up's writes too
+        _finish_store(out, created, quiet=True)
+        raise
+    else:
+        _finish_store(out, created)
     finally:
         os.close(lock)
     report.failures = sorted(failures.items())
@@ -647,11 +751,46 @@ def convert_cohort(
     return report
 
 
-def _cohort_dim(f5: FeatureDir, f20: FeatureDir, slide_ids: list[str]) -> int | None:
+def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, slide_ids: list[str],
+          patients: dict[str, str], dim: int | None, failures: dict[str, str]) -> list[_SlideTask]:
+    """The slides this run converts: new ones, incomplete ones, and complete ones whose sources
+    changed (all with `overwrite`); records the cohort's feature dim in a new store."""
+    _remove_temp_files(out)
+    complete = complete_slides(out)
+    if dim is None:
+        dim = _cohort_dim(inputs, slide_ids)
+        if dim is not None:  # recorded before any slide: a killed run must leave a readable store
+            _update_root(out, {"feature_dim": int(dim)})
+    tasks = []
+    for sid in slide_ids:
+        if inputs.c20_dir is not None and sid not in inputs.c20:
+            failures[sid] = f"missing x20 coords file (no {inputs.coords_name(sid)} in {inputs.c20_dir})"
+            continue
+        task = inputs.task(sid, out, options, dim, patients.get(sid))
+        if sid in complete and not options.overwrite:
+            changes = source_changes(complete[sid].get("sources", {}), task.source_files())
+            if not changes:
+                report.skipped.append(sid)
+                continue
+            log.warning("%s: sources changed since it was converted (%s); converting it again",
+                        sid, "; ".join(changes))
+            report.reconverted.append(sid)
+        tasks.append(task)
+    if report.skipped:
+        log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
+    return tasks
+
+
+def _cohort_dim(inputs: _Inputs, slide_ids: list[str]) -> int | None:
     """The feature dim most slides have (every readable file counts, legacy `.pt` included)."""
     dims: Counter[int] = Counter()
+
+    def first(files: dict[str, list[Path]], sid: str) -> Path | None:
+        return files[sid][0] if sid in files else None
+
     for sid in slide_ids:
-        for shape in (f5.peek_shape(sid), f20.peek_shape(sid)):
+        for shape in (peek_shape(first(inputs.pt5, sid), first(inputs.h5_5, sid)),
+                      peek_shape(first(inputs.pt20, sid), first(inputs.h5_20, sid))):
             if shape is not None and len(shape) == 2 and shape[1] > 0:
                 dims[int(shape[1])] += 1
     if len(dims) > 1:
@@ -660,15 +799,14 @@ def _cohort_dim(f5: FeatureDir, f20: FeatureDir, slide_ids: list[str]) -> int | 
     return dims.most_common(1)[0][0] if dims else None
 
 
-def _finish_store(out: Path, created: bool) -> None:
+def _finish_store(out: Path, created: _NewStore | None, quiet: bool = False) -> None:
     """Make the store consistent however the run ends: temp files gone, codecs in use recorded,
-    metadata consolidated; a store this run created that holds no complete slide is removed."""
+    metadata consolidated; a store this run created that holds no complete slide is removed.
+    `quiet`: a failure here is not raised (another error is already on its way)."""
     _remove_temp_files(out)
     complete = complete_slides(out)
-    if created and not complete:
-        _remove_new_store(out, existed=True)
-        with contextlib.suppress(OSError):
-            out.rmdir()
+    if created is not None and not complete:
+        _remove_new_store(out, existed=not created.folder)
         return
     codecs = sorted({str(a.get("codec", "?")) for a in complete.values()})
     try:
@@ -681,6 +819,8 @@ def _finish_store(out: Path, created: bool) -> None:
     except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the slides are complete, readers
         # fall back to listing them one by one; the next run consolidates
         _remove_temp_files(out)
+        if quiet:
+            return
         raise ConvertError(f"{out}: the converted slides are complete, but writing the store's summary "
                            f"metadata failed ({type(exc).__name__}: {exc}); rerun to finish it") from None
 

@@ -6,11 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collections import Counter
+
 import numpy as np
 import zarr
-from tqdm import tqdm
 
-from dsca.store._layout import ARRAYS, BLOCK, SLIDES, complete_slides
+from dsca.progress import Progress
+from dsca.store._layout import ARRAYS, BLOCK, SLIDES, complete_slides, slide_id_problem
+from dsca.store.provenance import source_changes
 from dsca.store.reader import FeatureStore, StoreError
 
 __all__ = ["StoreInfo", "store_info", "verify_store", "VerifyReport"]
@@ -55,7 +58,8 @@ class StoreInfo:
         yield f"patches      {self.patches} x5 / {self.patches * BLOCK} x20, dim {self.feature_dim}"
         yield f"dtype        {self.dtype} (codec {self.codec} + crc32c)"
         yield f"on disk      {self.disk_bytes / mb:.1f} MB ({self.feature_bytes / mb:.1f} MB features)"
-        yield f"compression  {self.ratio:.3f} of decoded {self.dtype} ({self.raw_bytes / mb:.1f} MB)"
+        if self.raw_bytes:
+            yield f"compression  {self.ratio:.3f} of decoded {self.dtype} ({self.raw_bytes / mb:.1f} MB)"
         if self.source_bytes:
             yield f"vs sources   {self.disk_bytes / self.source_bytes:.3f} of the CLAM files ({self.source_bytes / mb:.1f} MB)"
 
@@ -66,16 +70,27 @@ def store_info(path: str | Path) -> StoreInfo:
     p = Path(path)
     folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
     patches = feature_bytes = source_bytes = 0
+    codecs: Counter[str] = Counter()
     for sid in fs.slide_ids:
         attrs = fs.slide_attrs(sid)
         patches += int(attrs["n_patches"])
+        # each slide records the codec it was written with; stores of older converts only the root
+        codecs[str(attrs.get("codec", fs.attrs.get("codec", "?")))] += 1
         feature_bytes += _disk_bytes(p / SLIDES / sid / "x5" / "c") + _disk_bytes(p / SLIDES / sid / "x20" / "c")
         source_bytes += sum(int(s["bytes"]) for s in attrs.get("sources", {}).values())
     dim = fs.attrs.get("feature_dim")
     raw = patches * (BLOCK + 1) * int(dim or 0) * np.dtype(fs.attrs["dtype"]).itemsize
     return StoreInfo(p, len(fs.slide_ids), len(folders) - len(fs.slide_ids), len(fs.patient_slides()), patches,
-                     dim, str(fs.attrs["dtype"]), str(fs.attrs.get("codec", "?")), _disk_bytes(p),
+                     dim, str(fs.attrs["dtype"]), _codec_summary(codecs), _disk_bytes(p),
                      feature_bytes, raw, source_bytes)
+
+
+def _codec_summary(codecs: Counter[str]) -> str:
+    if not codecs:
+        return "none yet"
+    if len(codecs) == 1:
+        return next(iter(codecs))
+    return ", ".join(f"{name} ({n} slides)" for name, n in codecs.most_common())
 
 
 @dataclass
@@ -88,8 +103,13 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_slide(root: zarr.Group, sid: str, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
-    """Read every chunk of a slide through zarr (which checks each crc32c) and its invariants."""
+def _check_slide(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
+    """Read every chunk of a slide through zarr (which checks each crc32c) and its invariants.
+
+    zarr reads a chunk that is missing from a shard, or a shard file that is missing, as fill
+    values; the store's own reader does not (for slides written with every chunk stored), so
+    each array is also read through it.
+    """
     if not attrs:
         return "listed in the consolidated metadata but not complete on disk (rerun convert)"
     try:
@@ -99,6 +119,11 @@ def _check_slide(root: zarr.Group, sid: str, attrs: dict, dim: int, dtype: np.dt
         return f"array {exc} is missing"
     except Exception as exc:  # noqa: BLE001 - checksum/decode errors come as many types
         return f"unreadable chunk ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    for name in ARRAYS:
+        try:
+            fs.read_array(sid, name)
+        except StoreError as exc:
+            return str(exc)
     x5, x20, coords, grid, index = (arrays[k] for k in ("x5", "x20", "coords", "grid", "grid_index"))
     n = int(attrs.get("n_patches", -1))
     shapes = {"x5": (n, dim), "x20": (n, BLOCK, dim), "coords": (n, 2), "grid": (n, 2)}
@@ -122,10 +147,12 @@ def _check_slide(root: zarr.Group, sid: str, attrs: dict, dim: int, dtype: np.dt
     return None
 
 
-def verify_store(path: str | Path, progress: bool = True) -> VerifyReport:
+def verify_store(path: str | Path, progress: bool = True, sources: bool = False) -> VerifyReport:
     """Check completeness, checksums (every chunk read), shapes and grid invariants.
 
     Reads what is on disk, not the consolidated copy of the metadata, and compares the two.
+    With `sources`, also checks that each slide's source files are still the ones it was
+    converted from (size and mtime; content where those differ).
     """
     p = Path(path)
     report = VerifyReport()
@@ -134,18 +161,35 @@ def verify_store(path: str | Path, progress: bool = True) -> VerifyReport:
     except StoreError as exc:
         report.problems.append(("<store>", str(exc)))
         return report
+    if not (p / SLIDES).is_dir():
+        report.problems.append(("<store>", f"{p} has no {SLIDES}/ group (not written by dsca-store convert?)"))
+        return report
     on_disk = complete_slides(p)
     listed = set(fs.slide_ids)
     for sid in sorted(c.name for c in (p / SLIDES).iterdir() if c.is_dir()):
-        if sid not in on_disk:
+        if slide_id_problem(sid) is not None:
+            report.problems.append((sid, f"not a slide of this store ({slide_id_problem(sid)}); remove it by hand"))
+        elif sid not in on_disk:
             report.problems.append((sid, "incomplete slide (interrupted convert?); rerun convert to finish it"))
         elif sid not in listed:
             report.problems.append((sid, "complete on disk but absent from the consolidated metadata (rerun convert)"))
     dim, dtype = fs.attrs.get("feature_dim"), np.dtype(fs.attrs["dtype"])
+    if fs.slide_ids and dim is None:
+        report.problems.append(("<store>", "the store records no feature_dim"))
+        return report
     root = zarr.open_group(p, mode="r", use_consolidated=False)
-    for sid in tqdm(fs.slide_ids, desc="verify", unit="slide", disable=None if progress else True):
-        report.slides += 1
-        reason = _check_slide(root, sid, on_disk.get(sid, {}), int(dim), dtype)
-        if reason:
-            report.problems.append((sid, reason))
+    with Progress(len(fs.slide_ids), "verify", "slide", enabled=progress) as bar:
+        for sid in fs.slide_ids:
+            report.slides += 1
+            attrs = on_disk.get(sid, {})
+            reason = _check_slide(root, fs, sid, attrs, int(dim), dtype)
+            if reason is None and sources:
+                recorded = attrs.get("sources", {})
+                changes = source_changes(recorded, {role: rec.get("path") for role, rec in recorded.items()})
+                if not recorded or any("path" not in rec for rec in recorded.values()):
+                    changes.append("no source paths recorded (converted by an older dsca-store)")
+                reason = ("sources changed: " + "; ".join(changes)) if changes else None
+            if reason:
+                report.problems.append((sid, reason))
+            bar.update()
     return report

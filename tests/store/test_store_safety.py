@@ -1,0 +1,205 @@
+"""Nothing lost, nothing stale, nothing half-written: hostile ids, changed sources, full disks.
+
+Every test runs the real CLI (or convert_cohort) on real CLAM-layout files on disk.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dsca.store import FeatureStore
+from dsca.store.convert import convert_cohort
+from dsca.store.verify import store_info, verify_store
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsca.cli.store_main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _convert_args(c, out: Path, *extra: str) -> list[str]:
+    return ["convert", "--x5-features", str(c.x5_features), "--x20-features", str(c.x20_features),
+            "--x5-coords", str(c.x5_coords), "--x20-coords", str(c.x20_coords), "--labels", str(c.labels_csv),
+            "--out", str(out), *extra]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file under root."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _convert(c, out: Path, **kw):
+    return convert_cohort(x5_features=c.x5_features, x20_features=c.x20_features, x5_coords=c.x5_coords,
+                          x20_coords=c.x20_coords, labels=c.labels_csv, out=out, progress=False, **kw)
+
+
+HOSTILE = [".", "..", "a\\b", "zarr.json", "x.partial", "y.tmp", ".hidden", " lead", "ctl\x01id"]
+
+
+def test_hostile_slide_ids_are_refused_and_nothing_else_is_touched(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    assert _convert(c, out).ok
+    before = {k: v for k, v in _tree(out / "slides").items() if k != "zarr.json"}
+    good = c.slide_ids[0]
+    # feature and coords files whose stems are the hostile ids (`..pt` has the stem `.`)
+    for sid in HOSTILE:
+        for folder, suffix in ((c.x5_features / "pt_files", ".pt"), (c.x20_features / "pt_files", ".pt"),
+                               (c.x5_coords / "patches", ".h5"), (c.x20_coords / "patches", ".h5")):
+            shutil.copy(folder / f"{good}{suffix}", folder / f"{sid}{suffix}")
+    run = _cli("-q", *_convert_args(c, out))
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.splitlines()
+    for sid in HOSTILE:
+        assert sum(line.startswith(f"{sid}: slide id") or line.startswith(f"{sid}: empty") for line in lines) == 1, \
+            (sid, run.stderr)
+    assert len(lines) == len(HOSTILE), run.stderr
+    # every finished slide is still there, byte for byte, and nothing else appeared
+    after = {k: v for k, v in _tree(out / "slides").items() if k != "zarr.json"}
+    assert after == before
+    assert sorted(p.name for p in out.iterdir()) == ["slides", "zarr.json"]
+    fs = FeatureStore.open(out)
+    assert fs.slide_ids == sorted(c.slide_ids)
+    assert verify_store(out, progress=False).ok
+
+
+def test_changed_sources_are_converted_again_and_verify_names_them(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    assert _convert(c, out, dtype="float32").ok
+    changed, touched = c.slide_ids[0], c.slide_ids[1]
+    # re-extracted into the same folders: same shape, other values, in both copies
+    for folder in (c.x5_features,):
+        pt = folder / "pt_files" / f"{changed}.pt"
+        x = torch.load(pt, weights_only=True) + 1.0
+        torch.save(x, pt)
+        with h5py.File(folder / "h5_files" / f"{changed}.h5", "r+") as f:
+            f["features"][...] = x.numpy()
+    # touched only: same bytes, newer mtime
+    p = c.x20_features / "pt_files" / f"{touched}.pt"
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+
+    report = verify_store(out, progress=False, sources=True)
+    assert [sid for sid, _ in report.problems] == [changed]
+    assert "x5_features pt_files" in report.problems[0][1] and "changed" in report.problems[0][1]
+
+    run = _cli(*_convert_args(c, out, "--dtype", "float32"))
+    assert run.returncode == 0, run.stderr
+    assert "converted 1 (1 again: sources changed)" in run.stdout
+    assert f"{changed}: sources changed since it was converted" in run.stderr
+    fs = FeatureStore.open(out)
+    np.testing.assert_array_equal(fs.read_slide(changed).x5, x.numpy())
+    assert verify_store(out, progress=False, sources=True).ok
+    # a moved cohort is the same cohort: compared by content, nothing to redo
+    moved = tmp_path / "moved"
+    shutil.move(c.root, moved)
+    mc = type(c)(**{k: (moved / Path(v).relative_to(c.root)) if isinstance(v, Path) and c.root in Path(v).parents
+                    else v for k, v in vars(c).items() if k in c.__dataclass_fields__})
+    run = _cli(*_convert_args(mc, out, "--dtype", "float32"))
+    assert run.returncode == 0 and "converted 0," in run.stdout, run.stdout + run.stderr
+
+
+def test_a_failed_first_convert_leaves_no_store(cohort_copy, tmp_path):
+    c = cohort_copy
+    for p in (c.x20_features / "pt_files").iterdir():
+        p.unlink()
+    shutil.rmtree(c.x20_features / "h5_files")
+    (c.x20_features / "h5_files").mkdir()
+    out = tmp_path / "store.zarr"
+    run = _cli("-q", *_convert_args(c, out))
+    assert run.returncode == 1
+    assert not out.exists()
+    # the same into an existing empty folder: the folder stays, empty
+    out.mkdir()
+    assert _cli("-q", *_convert_args(c, out)).returncode == 1
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_info_reports_the_codec_in_use_and_an_empty_verify_is_clear(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    assert _convert(c, out).ok
+    assert store_info(out).codec == "none"
+    assert _convert(c, out, overwrite=True, codec="zstd3").ok
+    info = store_info(out)
+    assert info.codec == "zstd3" and "codec zstd3" in "\n".join(info.lines())
+    # a store without its slides/ group: one problem line, no traceback
+    shutil.rmtree(out / "slides")
+    run = _cli("verify", str(out))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "no slides/ group" in run.stderr
+
+
+def test_deleted_chunk_file_is_found_by_verify(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    assert _convert(c, out).ok
+    sid = c.slide_ids[2]
+    shard = next((out / "slides" / sid / "x20" / "c").rglob("*"))
+    while shard.is_dir():
+        shard = next(shard.iterdir())
+    shard.unlink()
+    run = _cli("verify", str(out))
+    assert run.returncode == 1, run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{sid}: ")]
+    assert len(lines) == 1 and "x20" in lines[0], run.stderr
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(cohort_copy, tmp_path):
+    run = _cli(*_convert_args(cohort_copy, tmp_path / "store.zarr"))
+    assert run.returncode == 0, run.stderr
+    progress = [line for line in run.stderr.splitlines() if "dsca.progress: convert:" in line]
+    n = len(cohort_copy.slide_ids)
+    assert len(progress) >= 5 and progress[-1].split("convert: ")[1].startswith(f"{n}/{n} slides (100%)"), run.stderr
+
+
+# --- a full disk -----------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """f(size) -> a fresh tmpfs of that size (needs root and mount; skipped elsewhere)."""
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounts)}"
+        point.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield make
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def _leftovers(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+
+
+@pytest.mark.parametrize("size", ["8k", "160k"])
+def test_a_full_disk_is_one_line_and_leaves_a_consistent_store(cohort_copy, small_disk, size):
+    disk = small_disk(size)
+    out = disk / "store.zarr"
+    run = _cli("-q", *_convert_args(cohort_copy, out, "--dtype", "float32"))
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "No space left on device" in lines[0], run.stderr
+    assert _leftovers(disk) == []
+    if out.exists():  # some slides fit: exactly those are there, complete and sound
+        fs = FeatureStore.open(out)
+        assert fs.slide_ids and set(fs.slide_ids) < set(cohort_copy.slide_ids)
+        assert verify_store(out, progress=False).ok
+        assert {p.name for p in (out / "slides").iterdir()} == set(fs.slide_ids) | {"zarr.json"}
+    else:
+        assert list(disk.iterdir()) == []
