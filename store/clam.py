@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from dsca.atomic import atomic_path
-from dsca.store.provenance import SourceRecord, read_source
+from dsca.store._io import ZIP_MAGIC, ClamError, load_pt, plain, read_bytes, short_reason
+from dsca.store.provenance import SourceRecord
 
 __all__ = [
     "ClamError",
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 # No scanner writes a level-0 image 2^31 px wide (that is ~50 m at 0.25 um/px); beyond it
 # int32 grids overflow, so a larger coordinate is corruption, not a slide.
 MAX_COORD = 2**31 - 1
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-class ClamError(Exception):
-    """A CLAM input file that cannot be used; the message is the one-line reason."""
 
 
 def file_label(path: Path) -> str:
@@ -198,20 +193,10 @@ class CoordsFile:
         return self.level.step
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
 def _h5_attrs(dset: h5py.Dataset, f: h5py.File) -> dict[str, Any]:
     # CLAM puts the attrs on the dataset; some forks put them on the file.
-    attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    attrs.update({k: _plain(v) for k, v in dset.attrs.items()})
+    attrs = {k: plain(v) for k, v in f.attrs.items()}
+    attrs.update({k: plain(v) for k, v in dset.attrs.items()})
     return attrs
 
 
@@ -227,7 +212,7 @@ def check_coords(coords: np.ndarray, what: str, level: LevelAttrs | None = None)
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
         raise ClamError(f"{what} contain NaN/Inf (first at row {int(np.argmax(bad))})")
-    for mask, why in ((values < 0, "negative"), (values > MAX_COORD, f"beyond 2^31 px")):
+    for mask, why in ((values < 0, "negative"), (values > MAX_COORD, "beyond 2^31 px")):
         rows = mask.any(axis=1)
         if rows.any():
             row = int(np.argmax(rows))
@@ -250,7 +235,7 @@ def read_coords(path: Path, given: Mapping[str, Any] | None = None) -> CoordsFil
         given: level attributes for files that lack them (see :func:`parse_level_attrs`);
             a file's own attributes win, and a conflict with `given` is an error.
     """
-    data, source = _read_bytes(path)
+    data, source = read_bytes(path, file_label)
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             if "coords" not in f:
@@ -261,7 +246,7 @@ def read_coords(path: Path, given: Mapping[str, Any] | None = None) -> CoordsFil
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
     level = _level_attrs(attrs, given or {}, file_label(path))
     return CoordsFile(check_coords(coords, f"{file_label(path)} coords", level), attrs, level, source)
 
@@ -273,28 +258,6 @@ def write_coords(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> No
         dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         for key, value in attrs.items():
             dset.attrs[key] = value
-
-
-def _short(exc: BaseException) -> str:
-    """First sentence of an exception message: torch and h5py append paragraphs of advice."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    text = text.split(". ")[0].rstrip(".")
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _read_bytes(path: Path) -> tuple[bytes, SourceRecord]:
-    # a dangling link (cohort moved) or a folder named like a slide must be reported, not skipped
-    if not path.is_file():
-        kind = "broken symbolic link" if path.is_symlink() else "not a regular file"
-        raise ClamError(f"{file_label(path)}: unreadable ({kind})")
-    try:
-        data, source = read_source(path)
-    except OSError as exc:
-        raise ClamError(f"{file_label(path)}: cannot read ({exc.strerror or exc})") from None
-    if not data:
-        raise ClamError(f"{file_label(path)}: empty file (0 bytes)")
-    return data, source
 
 
 # --- directories ---------------------------------------------------------------------------
@@ -378,7 +341,7 @@ def peek_shape(pt: Path | None, h5: Path | None) -> tuple[int, ...] | None:
     try:
         if pt is not None:
             with open(pt, "rb") as f:
-                zipped = f.read(4) == _ZIP_MAGIC
+                zipped = f.read(4) == ZIP_MAGIC
             # mmap reads only the header, but exists for the zip format alone
             t = torch.load(pt, map_location="cpu", mmap=zipped, weights_only=True)
             return tuple(t.shape) if isinstance(t, torch.Tensor) else None
@@ -446,35 +409,13 @@ def _check_features(x: np.ndarray, what: str) -> np.ndarray:
 
 
 def _read_pt(path: Path) -> tuple[np.ndarray, SourceRecord]:
-    """A `.pt` tensor [N, D], zip (torch >= 1.6) or legacy format, loaded without unpickling code.
-
-    A zip `.pt` carries a CRC-32 per member that torch.load never checks: flipped bytes in the
-    data would load as wrong values, so the CRCs are checked first.
-    """
-    data, source = _read_bytes(path)
-    if data[:4] == _ZIP_MAGIC:
-        try:
-            bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise ClamError(f"{file_label(path)}: unreadable or truncated .pt ({_short(exc)})") from None
-        if bad is not None:
-            raise ClamError(f"{file_label(path)}: corrupt .pt (checksum mismatch in {bad.split('/', 1)[-1]})")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ClamError(f"{file_label(path)}: unreadable or truncated .pt ({_short(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-        raise ClamError(f"{file_label(path)}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
-    if not isinstance(obj, torch.Tensor):
-        raise ClamError(f"{file_label(path)}: holds a {type(obj).__name__}, expected a tensor [N, D]")
-    if obj.dtype == torch.bfloat16:
-        obj = obj.float()
-    return _check_features(obj.numpy(), file_label(path)), source
+    x, source = load_pt(path, file_label)
+    return _check_features(x, file_label(path)), source
 
 
 def _read_h5_features(path: Path) -> tuple[np.ndarray, np.ndarray | None, SourceRecord]:
     """(features [N, D], coords [N, 2] or None, record) of an `h5_files/` file."""
-    data, source = _read_bytes(path)
+    data, source = read_bytes(path, file_label)
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             if "features" not in f:
@@ -484,7 +425,7 @@ def _read_h5_features(path: Path) -> tuple[np.ndarray, np.ndarray | None, Source
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+        raise ClamError(f"{file_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
     features = _check_features(np.asarray(features), file_label(path))
     if coords is not None:
         coords = check_coords(np.asarray(coords), f"{file_label(path)} coords")

@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
@@ -45,6 +45,7 @@ import zarr
 
 import dsca
 from dsca.atomic import atomic_write
+from dsca.labels import LabelError, check_label_columns, match_slide_ids, parse_labels_map
 from dsca.progress import Progress
 from dsca.store._layout import (
     BLOCK,
@@ -163,33 +164,71 @@ class _SlideTask:
         }
 
 
-def read_label_slides(labels: str | Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """slide id -> patient id from a labels CSV, and (slide_id, reason) for unusable rows.
+@dataclass
+class _LabelSlides:
+    """What a labels CSV says about the cohort's slides.
 
-    Ids stay strings exactly as written (NLST's are numbers). A slide listed with two patients,
-    or without a patient id, is unusable: a blank id read as NaN would otherwise pool unrelated
-    slides into one patient "nan".
+    Attributes:
+        patients: feature slide id -> patient id, for the slides the CSV lists.
+        problems: slide id -> reason, for rows that cannot be used (the slide is not converted).
+        missing: label slide ids that match no feature file.
+    """
+
+    patients: dict[str, str] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map: str | None = None) -> _LabelSlides:
+    """Slide -> patient from a labels CSV, matched to the cohort's feature slide ids.
+
+    Columns are the canonical ones or named by `labels_map` (:func:`dsca.labels.parse_labels_map`),
+    never guessed. Ids stay strings exactly as written (NLST's are numbers); a label id matches a
+    feature file with or without a WSI extension (``A.svs`` -> ``A.pt``). A slide listed with
+    two patients, or without a patient id, is unusable: a blank id read as NaN would otherwise
+    pool unrelated slides into one patient "nan".
     """
     path = Path(labels)
     try:
-        df = pd.read_csv(path, dtype={"pathology_id": str, "patient_id": str}, keep_default_na=False)
+        columns = parse_labels_map(labels_map)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        check_label_columns(list(df.columns), columns, path)
+    except LabelError as exc:
+        raise ConvertError(str(exc)) from None
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ConvertError(f"{path}: cannot read labels CSV ({exc})") from None
-    for column in ("pathology_id", "patient_id"):
-        if column not in df.columns:
-            raise ConvertError(f"{path}: labels CSV has no '{column}' column")
-    mapping: dict[str, str] = {}
-    bad: dict[str, str] = {}
-    for row, (sid, pid) in enumerate(zip(df["pathology_id"], df["patient_id"]), start=2):
+    by_label: dict[str, str] = {}
+    out = _LabelSlides()
+    for row, (sid, pid) in enumerate(zip(df[columns.slide], df[columns.patient]), start=2):
         sid, pid = str(sid).strip(), str(pid).strip()
         if not sid:
             continue
         if not pid:
-            bad[sid] = f"no patient_id in {path.name} (line {row})"
-        elif sid in mapping and mapping[sid] != pid:
-            bad[sid] = f"duplicate slide id in {path.name} (line {row}): patients {mapping[sid]} and {pid}"
-        mapping.setdefault(sid, pid)
-    return mapping, sorted(bad.items())
+            out.problems[sid] = f"no patient_id in {path.name} (line {row})"
+        elif sid in by_label and by_label[sid] != pid:
+            out.problems[sid] = f"duplicate slide id in {path.name} (line {row}): patients {by_label[sid]} and {pid}"
+        by_label.setdefault(sid, pid)
+    match = match_slide_ids(by_label, slide_ids)
+    for label_id, sid in match.matched.items():
+        if label_id in out.problems:  # reported under the feature file's id, which is what is skipped
+            out.problems[sid] = out.problems.pop(label_id)
+        else:
+            out.patients[sid] = by_label[label_id]
+    for label_id, ids in match.ambiguous.items():
+        out.problems[label_id] = (f"label slide {label_id!r} in {path.name} could be any of the feature files' "
+                                  f"slides {', '.join(ids)}; rename the label or the files")
+    for sid, label_ids in match.clashes.items():
+        out.problems[sid] = f"listed {len(label_ids)} times in {path.name}, as {', '.join(map(repr, label_ids))}"
+    out.missing = sorted(s for s in match.unmatched if s not in out.problems)
+    return out
+
+
+def _hint_extensions(missing: list[str], slide_ids: Collection[str]) -> None:
+    """One warning when labels and feature files spell the slide ids differently throughout."""
+    if missing and len(missing) >= 0.5 * max(1, len(slide_ids)):
+        log.warning("%d of the labels' slides match no feature file (e.g. %r; feature files are named like %r): "
+                    "check that the label slide ids are the feature files' names", len(missing), missing[0],
+                    next(iter(sorted(slide_ids)), "?"))
 
 
 def _read(what: str, fn: Callable[..., _T], *args: Any) -> _T:
@@ -718,9 +757,11 @@ def convert_cohort(
                                     for what, files in inputs.by_kind().items()}))
     patients: dict[str, str] = {}
     if labels is not None:
-        patients, dup = read_label_slides(labels)
-        failures.update(dup)
-    report.missing = sorted(s for s in patients if s not in everything and s not in failures)
+        table = read_label_slides(labels, everything, labels_map)
+        patients = table.patients
+        failures.update({sid: reason for sid, reason in table.problems.items() if sid not in failures})
+        report.missing = table.missing
+        _hint_extensions(table.missing, everything)
     unlabelled = sorted(everything - set(patients) - set(failures)) if labels is not None else []
     if unlabelled:
         more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""

@@ -12,14 +12,13 @@ complete, in the block-major order of ``dsca-store/1`` (row ``16*i + 4*r + c`` =
 (col c, row r) at level-0 offset ``(c, r) * step20``).
 
 Every reader raises :class:`~dsca.store.clam.ClamError` with a one-line reason naming the file.
-Every file is read once (:func:`dsca.store.clam._read_bytes`), which gives its provenance record.
+Every file is read once (the shared reader in `dsca.store._io`), which gives its provenance record.
 """
 from __future__ import annotations
 
 import io
 import logging
 import math
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from dsca.store._layout import BLOCK, SCALE
-from dsca.store.clam import ClamError, CoordsFile, LevelAttrs, _read_bytes, check_coords, index_dir
+from dsca.store._io import ClamError, load_pt, plain, read_bytes, short_reason
+from dsca.store.clam import CoordsFile, LevelAttrs, check_coords, index_dir
 from dsca.store.provenance import SourceRecord
 
 __all__ = [
@@ -52,7 +51,6 @@ TRIDENT_KEYS = ("patch_size", "level0_magnification", "target_magnification")
 #: attributes :func:`trident_level` needs; TRIDENT has written all five since its first release
 REQUIRED_KEYS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap")
 LOCK_REASON = "TRIDENT is still writing it (lock file)"
-_ZIP_MAGIC = b"PK\x03\x04"
 _FEATURES_PREFIX = "features_"
 _PATCHES_SUFFIX = "_patches"
 _PEEK_FILES = 3  # files looked at by looks_like_trident / the encoder peek
@@ -66,28 +64,18 @@ def trident_label(path: Path) -> str:
 
 
 # --- attributes ----------------------------------------------------------------------------
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        return value.item() if value.size == 1 else [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    return value
-
-
 def _attrs(dset: h5py.Dataset) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in dset.attrs.items()}
+    return {k: plain(v) for k, v in dset.attrs.items()}
 
 
 def _num(attrs: Mapping[str, Any], key: str, what: str) -> float:
     """A finite number from an attribute that may be int, float64, a numpy scalar, bytes or str."""
-    value = _plain(attrs[key])
+    value = plain(attrs[key])
     try:
         if isinstance(value, (list, tuple)):
             if len(value) != 1:
                 raise ValueError
-            value = _plain(value[0])
+            value = plain(value[0])
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise ClamError(f"{what}: {key} {attrs[key]!r} is not a number") from None
@@ -241,7 +229,7 @@ def _peek_encoder(files: list[Path]) -> str | None:
 
 
 def _encoder_attr(dset: h5py.Dataset) -> str | None:
-    value = _plain(dset.attrs.get("encoder"))
+    value = plain(dset.attrs.get("encoder"))
     # TRIDENT writes None as the string 'None' (IO.save_h5)
     return str(value) if value not in (None, "", "None") else None
 
@@ -417,17 +405,11 @@ def _h5(path: Path, data: bytes) -> h5py.File:
     try:
         return h5py.File(io.BytesIO(data), "r")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")
-    return text if len(text) <= 120 else text[:117] + "..."
+        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
 
 
 def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any], SourceRecord]:
-    data, source = _read_bytes(path)
+    data, source = read_bytes(path, trident_label)
     try:
         with _h5(path, data) as f:
             if not isinstance(f.get("coords"), h5py.Dataset):
@@ -436,11 +418,11 @@ def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any], SourceRecor
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
 
 
 def _read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], str | None, SourceRecord]:
-    data, source = _read_bytes(path)
+    data, source = read_bytes(path, trident_label)
     try:
         with _h5(path, data) as f:
             if not isinstance(f.get("features"), h5py.Dataset):
@@ -453,42 +435,8 @@ def _read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[s
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({_short(exc)})") from None
+        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
     return features, coords, attrs, encoder, source
-
-
-def _numpy_safe_globals() -> list[Any]:
-    """What unpickling a plain float ndarray needs: TRIDENT's `.pt` is ``torch.save(ndarray)``."""
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    out: list[Any] = [np.ndarray, np.dtype, _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
-    out += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64)]
-    return out
-
-
-def _read_pt(path: Path) -> tuple[np.ndarray, SourceRecord]:
-    """A `.pt` of a float ndarray (TRIDENT) or tensor, loaded with ``weights_only`` (no code runs:
-    only float ndarrays are allowed besides tensors). A zip's member CRCs are checked first."""
-    data, source = _read_bytes(path)
-    if data[:4] == _ZIP_MAGIC:
-        try:
-            bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise ClamError(f"{trident_label(path)}: unreadable or truncated .pt ({_short(exc)})") from None
-        if bad is not None:
-            raise ClamError(f"{trident_label(path)}: corrupt .pt (checksum mismatch in {bad.split('/', 1)[-1]})")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch and pickle errors come in many types
-        raise ClamError(f"{trident_label(path)}: unreadable .pt ({type(exc).__name__}: {_short(exc)})") from None
-    if isinstance(obj, torch.Tensor):
-        obj = (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
-    if not isinstance(obj, np.ndarray):
-        raise ClamError(f"{trident_label(path)}: holds a {type(obj).__name__}, expected an array [N, D]")
-    return obj, source
 
 
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
@@ -545,7 +493,7 @@ def read_trident_level(features_file: Path, coords_file: Path | None = None) -> 
     if features_file.suffix.lower() == ".pt":
         if coords_file is None:
             raise ClamError(f"{label} holds no coords: its patches/<slide>_patches.h5 is needed")
-        features, source = _read_pt(features_file)
+        features, source = load_pt(features_file, trident_label)
         coords, attrs = None, {}
     else:
         features, coords, attrs, enc_attr, source = _read_features_h5(features_file)

@@ -11,9 +11,10 @@ from dsca.store.convert import ConvertError, read_label_slides
                                   "nlst/nlst_path_full.csv"])
 def test_reference_label_csvs(reference_dir, name):
     path = reference_dir / "labels" / name
-    mapping, conflicts = read_label_slides(path)
     df = pd.read_csv(path, dtype=str)
-    assert not conflicts
+    table = read_label_slides(path, set(df.pathology_id))
+    mapping = table.patients
+    assert not table.problems and not table.missing
     assert len(mapping) == df.pathology_id.nunique()
     # ids stay strings exactly as written (NLST's are numbers; no float-ification like "100012.0")
     sid, pid = df.pathology_id.iloc[0], df.patient_id.iloc[0]
@@ -25,8 +26,51 @@ def test_reference_label_csvs(reference_dir, name):
 def test_labels_without_required_columns(tmp_path):
     bad = tmp_path / "labels.csv"
     bad.write_text("slide,patient\nA,B\n")
-    with pytest.raises(ConvertError, match="no 'pathology_id' column"):
-        read_label_slides(bad)
+    with pytest.raises(ConvertError, match="missing column.*pathology_id"):
+        read_label_slides(bad, {"A"})
+
+
+def _porpoise(synth_cohort, tmp_path, svs: bool = True):
+    """The cohort's labels as a CLAM/PORPOISE table: case_id, slide_id (.svs), survival_months, censorship."""
+    df = pd.read_csv(synth_cohort.labels_csv, dtype=str)
+    table = pd.DataFrame({"case_id": df.patient_id, "slide_id": df.pathology_id + (".svs" if svs else ""),
+                          "survival_months": df.t, "censorship": (1 - df.e.astype(int)).astype(str)})
+    path = tmp_path / "porpoise.csv"
+    table.to_csv(path, index=False)
+    return path, df
+
+
+def test_porpoise_table_needs_a_map_and_then_matches_svs_ids(synth_cohort, tmp_path):
+    from dsca.store import FeatureStore
+    from dsca.store.convert import convert_cohort
+
+    path, df = _porpoise(synth_cohort, tmp_path)
+    kw = dict(x5_features=synth_cohort.x5_features, x20_features=synth_cohort.x20_features,
+              x5_coords=synth_cohort.x5_coords, x20_coords=synth_cohort.x20_coords, labels=path, progress=False)
+    with pytest.raises(ConvertError, match="--labels-map slide=slide_id,patient=case_id,"
+                                           "time=survival_months,censorship=censorship"):
+        convert_cohort(out=tmp_path / "refused.zarr", **kw)
+    assert not (tmp_path / "refused.zarr").exists()
+    report = convert_cohort(out=tmp_path / "s.zarr", labels_map="slide=slide_id,patient=case_id,"
+                            "time=survival_months,censorship=censorship", **kw)
+    assert report.ok, list(report.lines())
+    fs = FeatureStore.open(tmp_path / "s.zarr")
+    assert fs.patient_slides() == {p: sorted(g.pathology_id) for p, g in df.groupby("patient_id")}
+
+
+def test_label_ids_that_match_no_feature_file_get_a_hint(synth_cohort, tmp_path, caplog):
+    from dsca.store.convert import convert_cohort
+
+    df = pd.read_csv(synth_cohort.labels_csv, dtype=str)
+    df["pathology_id"] = df.pathology_id.str.lower()  # another spelling of every id
+    path = tmp_path / "labels.csv"
+    df.to_csv(path, index=False)
+    report = convert_cohort(x5_features=synth_cohort.x5_features, x20_features=synth_cohort.x20_features,
+                            x5_coords=synth_cohort.x5_coords, x20_coords=synth_cohort.x20_coords, labels=path,
+                            out=tmp_path / "s.zarr", progress=False)
+    assert len(report.missing) == len(df)
+    hints = [r.getMessage() for r in caplog.records if "match no feature file" in r.getMessage()]
+    assert len(hints) == 1 and "check that the label slide ids are the feature files' names" in hints[0]
 
 
 def test_labelled_slides_without_features_are_missing(synth_cohort, tmp_path, capsys, caplog):

@@ -348,7 +348,7 @@ def test_features_file_alone_and_pt_features(tmp_path):
     with pytest.raises(ClamError, match="S.pt: unreadable .pt"):
         read_trident_level(pt, cdir / "patches" / "none.h5")
     torch.save({"features": feats}, pt)
-    with pytest.raises(ClamError, match="S.pt: holds a dict, expected an array"):
+    with pytest.raises(ClamError, match="S.pt: holds a dict, expected a tensor or array"):
         read_trident_level(pt, cdir / "patches" / "none.h5")
 
 

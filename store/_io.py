@@ -1,0 +1,100 @@
+"""Reading input files once, checked: the pieces the CLAM and TRIDENT readers share.
+
+Every reader raises :class:`ClamError` with a one-line, user-facing reason that names the file
+by `label` (the caller's choice of `folder/file` or `run/folder/file`).
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsca.store.provenance import SourceRecord, read_source
+
+__all__ = ["ClamError", "ZIP_MAGIC", "load_pt", "plain", "read_bytes", "short_reason"]
+
+ZIP_MAGIC = b"PK\x03\x04"
+Label = Callable[[Path], str]
+
+
+class ClamError(Exception):
+    """An input file that cannot be used; the message is the one-line reason."""
+
+
+def short_reason(exc: BaseException) -> str:
+    """First sentence of an exception message: torch and h5py append paragraphs of advice."""
+    lines = str(exc).strip().splitlines()
+    text = (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def plain(value: Any) -> Any:
+    """An h5 attribute as a Python value: bytes decoded, numpy scalars and 1-element arrays
+    unwrapped, other arrays as lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 and value.ndim == 0 else [plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    return value
+
+
+def read_bytes(path: Path, label: Label) -> tuple[bytes, SourceRecord]:
+    """A file's bytes and its provenance record, in one read."""
+    # a dangling link (cohort moved) or a folder named like a slide must be reported, not skipped
+    if not path.is_file():
+        kind = "broken symbolic link" if path.is_symlink() else "not a regular file"
+        raise ClamError(f"{label(path)}: unreadable ({kind})")
+    try:
+        data, source = read_source(path)
+    except OSError as exc:
+        raise ClamError(f"{label(path)}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise ClamError(f"{label(path)}: empty file (0 bytes)")
+    return data, source
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """What unpickling a plain float ndarray needs (TRIDENT's `.pt` is ``torch.save(ndarray)``)."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    out: list[Any] = [np.ndarray, np.dtype, _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
+    out += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64)]
+    return out
+
+
+def load_pt(path: Path, label: Label) -> tuple[np.ndarray, SourceRecord]:
+    """A `.pt` holding a tensor or a float ndarray, zip (torch >= 1.6) or legacy format.
+
+    Loaded with ``weights_only`` (no pickled code runs; besides tensors only float ndarrays
+    are allowed). A zip `.pt` carries a CRC-32 per member that torch.load never checks:
+    flipped bytes in the data would load as wrong values, so the CRCs are checked first.
+    """
+    data, source = read_bytes(path, label)
+    if data[:4] == ZIP_MAGIC:
+        try:
+            bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise ClamError(f"{label(path)}: unreadable or truncated .pt ({short_reason(exc)})") from None
+        if bad is not None:
+            raise ClamError(f"{label(path)}: corrupt .pt (checksum mismatch in {bad.split('/', 1)[-1]})")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ClamError(f"{label(path)}: unreadable or truncated .pt ({short_reason(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
+        raise ClamError(f"{label(path)}: unreadable .pt ({type(exc).__name__}: {short_reason(exc)})") from None
+    if isinstance(obj, torch.Tensor):
+        obj = (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
+    if not isinstance(obj, np.ndarray):
+        raise ClamError(f"{label(path)}: holds a {type(obj).__name__}, expected a tensor or array [N, D]")
+    return obj, source
