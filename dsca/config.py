@@ -5,7 +5,10 @@ Every key of the reference ``config_hier.yaml`` is accepted. The network's keys 
 ``dsca.model.ModelConfig.yaml_keys()`` and end up in ``TrainConfig.model``; the raw-CLAM path
 keys (``path_patchx20``, ...) are superseded by ``store``; ``path_label``,
 ``path_data_split`` and ``seed_data_split`` are aliases of ``labels``, ``splits`` and
-``folds``. An unknown key is an error that names the closest valid key.
+``folds``. An unknown key is an error that names the closest valid key. ``labels_map`` (text
+``slide=slide_id,patient=case_id,...`` or a mapping) says which label CSV columns hold the
+slide, patient, time and event/censorship; it is parsed here, once, into a
+``dsca.labels.LabelColumns``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dsca.labels import LabelColumns, LabelError, parse_labels_map
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config"]
 
@@ -49,8 +54,9 @@ class TrainConfig:
     patients as the reference, or "train" = on each fold's training patients), ``cox_ties``,
     ``device`` ("auto", "cpu", "cuda", "cuda:1"), ``amp`` ("auto", "bf16", "fp16", "off";
     CUDA only), ``eval_bootstrap`` (C-index CI resamples), ``num_threads`` (CPU threads,
-    0 = torch's default) and ``cache_features`` (keep every patient's features in RAM after
-    the first read: for cohorts that fit in memory).
+    0 = torch's default), ``cache_features`` (keep every patient's features in RAM after
+    the first read: for cohorts that fit in memory) and ``labels_map`` (the label CSV's
+    columns, a ``dsca.labels.LabelColumns``; default ``pathology_id, patient_id, t, e``).
     """
 
     model: Any
@@ -90,6 +96,7 @@ class TrainConfig:
     eval_bootstrap: int = 1000
     num_threads: int = 0
     cache_features: bool = False
+    labels_map: LabelColumns = field(default_factory=LabelColumns)
     source: str = "<dict>"
 
     @property
@@ -109,6 +116,8 @@ class TrainConfig:
                 v = {k: list(x) if isinstance(x, tuple) else x for k, x in asdict(v).items()}
             elif isinstance(v, Path):
                 v = str(v)
+            elif isinstance(v, LabelColumns):
+                v = str(v)  # the full key=column text, which labels_map reads back
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
@@ -208,6 +217,11 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     splits = need("splits")
     splits = resolve(splits) if isinstance(splits, str) else [resolve(s) for s in splits]
 
+    try:
+        labels_map = parse_labels_map(raw.get("labels_map"))
+    except LabelError as err:
+        raise ConfigError(f"{source}: labels_map: {str(err).removeprefix('labels map: ')}") from err
+
     device = raw.get("device", "cpu" if raw.get("no_cuda") else "auto")
     betas = raw.get("opt_betas")
     cfg = TrainConfig(
@@ -221,6 +235,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         opt_betas=tuple(float(b) for b in betas) if betas else None,
         device=str(device),
         save_path=Path(resolve(raw["save_path"])) if raw.get("save_path") else None,
+        labels_map=labels_map,
         source=source,
         **{
             f.name: _coerce(raw[f.name], f.name, source)
@@ -234,7 +249,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
 
 _SET_ABOVE = {
     "model", "store", "labels", "splits", "folds", "bins", "loss", "opt_betas",
-    "device", "save_path", "source",
+    "device", "save_path", "labels_map", "source",
 }
 _FLOATS = {"alpha", "reg_l1", "lr", "weight_decay", "lr_factor", "opt_eps", "opt_momentum"}
 _INTS = {

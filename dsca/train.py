@@ -607,7 +607,7 @@ def train_cross_validation(
     folds = list(cfg.folds if folds is None else folds)
     dev = resolve_device(device or cfg.device)
     # Check every fold's inputs before writing anything or spending hours on the first fold.
-    labels = load_labels(cfg.labels, bins=cfg.bins)
+    labels = load_labels(cfg.labels, bins=cfg.bins, columns=cfg.labels_map)
     split_paths = resolve_split_paths(cfg.splits, folds)
     store_slides = _open_store(cfg)
     cache: dict[tuple[str, tuple[float, ...]], Any] | None = {} if cfg.cache_features else None

@@ -131,3 +131,15 @@ def test_reference_cohorts(reference_dir, csv):
     assert (df["y_t"] == expected.loc[df.index]).all()
     assert df["y_t"].value_counts().min() > 0
     assert sum(map(len, df["slide_ids"])) == len(raw)
+    # The whole output is the plain pandas reading of the CSV (as before read_label_table):
+    # patients in first-appearance order, first row's t/e, every slide in CSV order, extras.
+    assert list(df.index) == list(dict.fromkeys(raw["patient_id"])) and df.index.name == "patient_id"
+    assert df["t"].tolist() == first.loc[df.index, "t"].astype(float).tolist()
+    assert df["e"].tolist() == first.loc[df.index, "e"].tolist() and (df["y_c"] == 1 - df["e"]).all()
+    assert df["slide_ids"].to_dict() == raw.groupby("patient_id", sort=False)["pathology_id"].agg(list).to_dict()
+    extras = [c for c in raw.columns if c not in ("pathology_id", "patient_id", "t", "e")]
+    assert list(df.columns) == ["t", "e", "y_t", "y_c", "slide_ids", *extras]
+    assert df[["t", "e", "y_t", "y_c"]].dtypes.astype(str).tolist() == ["float64", "int64", "int64", "int64"]
+    for c in extras:
+        assert df[c].tolist() == first.loc[df.index, c].tolist()
+    assert df.attrs == {"bin_edges": pytest.approx(list(edges)), "source": str(path)}
