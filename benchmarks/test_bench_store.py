@@ -30,11 +30,16 @@ def _write_slide(root: Path, sid: str, rng: np.random.Generator) -> None:
     cells = rng.choice(side * side, size=N_PATCHES, replace=False)
     cells.sort()
     coords = np.stack([cells % side, cells // side], axis=1) * step + 1000
+    # level_dim: the patch level's size in its own pixels (CLAM's), so that level_dim x
+    # downsample covers every patch at level 0 (convert checks that)
+    dim2 = [side * 256 + 256] * 2
     attrs = {"patch_size": 256, "patch_level": 2, "downsample": _DS, "name": sid,
-             "level_dim": [side, side], "downsampled_level_dim": [side, side]}
+             "level_dim": dim2, "downsampled_level_dim": dim2}
     write_coords(root / "l2" / "patches" / f"{sid}.h5", coords, attrs)
     high = align_coords(coords, 256, _DS / 4)
-    write_coords(root / "l1" / "patches" / f"{sid}.h5", high, {**attrs, "patch_level": 1, "downsample": _DS / 4})
+    dim1 = [4 * d for d in dim2]
+    write_coords(root / "l1" / "patches" / f"{sid}.h5", high, {**attrs, "patch_level": 1, "downsample": _DS / 4,
+                                                               "level_dim": dim1, "downsampled_level_dim": dim1})
     # post-ReLU average-pooled activations: non-negative, per-channel scale, long right tail
     scale = rng.gamma(2.0, 0.25, size=DIM).astype(np.float32)
     for level, rows in (("f2", N_PATCHES), ("f1", 16 * N_PATCHES)):
@@ -118,6 +123,45 @@ def test_patient_load_store(benchmark, stores, cohort, bench_report, out_dtype):
         goal = 1.5 if out_dtype == "float32" else 3.0
         bench_report.add(f"patient load, store (float16 on disk) -> {out_dtype}: {median * 1e3:.1f} ms, "
                          f"{ratio:.2f}x faster than the CLAM path ({bench_report.medians['clam'] * 1e3:.1f} ms; goal >= {goal}x)")
+
+
+def _cpu_seconds(fs: FeatureStore, rounds: int) -> float:
+    """Median CPU time (all threads of this process) of one float32 patient read."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.process_time()
+        fs.read_patient(PATIENT, np.float32)
+        times.append(time.process_time() - t0)
+    return float(np.median(times))
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_patient_load_checksum_cost(benchmark, stores, bench_report, checked):
+    """What verifying every chunk's crc32c (FeatureStore.open(checked=True), the default)
+    adds to a patient read (float16 on disk -> float32), both timed in the same run.
+
+    Wall time is what a user waits, but on a shared machine it drifts between the two
+    benchmarks; the CPU time of interleaved reads (checked, unchecked, checked, ...) is the
+    steadier measure of the checksum's own cost, so both are reported.
+    """
+    benchmark.group = "patient load f32: crc32c of every chunk verified or not"
+    fs = FeatureStore.open(stores["float16"], checked=checked)
+    # many rounds: the difference sought is a few ms on ~30 ms, the median must be steady
+    benchmark.pedantic(fs.read_patient, args=(PATIENT, np.float32), rounds=60, iterations=1, warmup_rounds=3)
+    median = bench_report.record(f"store-float32-checked={checked}", benchmark)
+    unchecked = bench_report.medians.get("store-float32-checked=False")
+    if checked and unchecked:
+        other = FeatureStore.open(stores["float16"], checked=False)
+        cpu = {True: [], False: []}
+        for _ in range(10):
+            for c, store in ((True, fs), (False, other)):
+                cpu[c].append(_cpu_seconds(store, 3))
+        cpu_on, cpu_off = float(np.median(cpu[True])), float(np.median(cpu[False]))
+        mb = SLIDES * N_PATCHES * 17 * DIM * 2 / 1e6
+        bench_report.add(f"patient load -> float32 ({mb:.0f} MB on disk): checked {median * 1e3:.1f} ms vs unchecked "
+                         f"{unchecked * 1e3:.1f} ms wall ({100 * (median / unchecked - 1):+.1f}%); CPU time "
+                         f"{cpu_on * 1e3:.1f} vs {cpu_off * 1e3:.1f} ms ({100 * (cpu_on / cpu_off - 1):+.1f}%); "
+                         "checked is the default while this stays <= ~15%")
 
 
 def _tree_bytes(path: Path) -> int:

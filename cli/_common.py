@@ -19,8 +19,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or "default" in text or default in (None, False, argparse.SUPPRESS)
-                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+        if ("%(default)" in text or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -46,7 +47,7 @@ def add_verbosity(parser: argparse.ArgumentParser, subcommand: bool = False) -> 
     quiet_default = argparse.SUPPRESS if subcommand else False
     parser.add_argument(
         "-v", "--verbose", action="count", default=verbose_default,
-        help="more log output (-vv for debug and tracebacks)",
+        help="debug output, with the traceback of any unexpected error (-vv: of other libraries too)",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", default=quiet_default,
@@ -55,12 +56,12 @@ def add_verbosity(parser: argparse.ArgumentParser, subcommand: bool = False) -> 
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    """Log to stderr; INFO by default, DEBUG with -vv, WARNING with -q."""
-    level = logging.INFO
-    if getattr(args, "quiet", False):
-        level = logging.WARNING
-    elif getattr(args, "verbose", 0) >= 2:
-        level = logging.DEBUG
+    """Log to stderr: INFO by default, WARNING with -q; DEBUG for dsca with -v, for all with -vv."""
+    verbose = getattr(args, "verbose", 0)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.DEBUG if verbose >= 2 else level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if verbose == 1:
+        logging.getLogger("dsca").setLevel(logging.DEBUG)

@@ -11,24 +11,42 @@ from typing import Any
 
 HELP = "per-module time, memory, FLOPs and FLOP/s of one forward+backward pass of the model"
 
+DESCRIPTION = """\
+    Profile one forward+backward pass of the DSCA model on a synthetic patient.
+
+    Reads nothing but, optionally, the model keys of a reference-style YAML config (--config;
+    --dims and --backend override it). Builds the model, runs a warm-up pass (which compiles
+    and autotunes the Triton kernels on CUDA) and --repeats timed passes on a random patient
+    of N low-res and 16N high-res rows.
+
+    Prints a table of time, peak memory, FLOPs and FLOP/s per module; --json also writes the
+    report as JSON. Exit status 2 when the config or the backend cannot be used here."""
+
+EXAMPLES = """\
+    dsca profile --n-patches 4000 --device cuda
+    dsca profile --backend torch --device cpu --dims 1024-384-384-4 --repeats 5
+    dsca profile --config config.yaml --json profile.json
+    """
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--n-patches", type=int, default=1000, metavar="N",
-        help="low-res patches of the synthetic patient (16N high-res rows; default 1000)")
+        help="low-res patches N of the synthetic patient, with 16N high-res rows")
     add("--backend", choices=("auto", "triton", "torch"), default="auto",
-        help="CAPool implementation (default auto: Triton on CUDA, PyTorch on CPU)")
+        help="CAPool implementation; auto: Triton on CUDA, PyTorch on CPU")
     add("--device", choices=("cpu", "cuda"), default=None,
-        help="default: cuda when available, else cpu")
+        help="where to run (default: cuda when available, else cpu)")
     add("--dims", default=None, metavar="D-C-H-B",
-        help="input-embedding-hidden-bins, e.g. 1024-384-384-4 (the reference default)")
+        help="input-embedding-hidden-bins sizes (default: --config's, else the reference's 1024-384-384-4)")
     add("--config", type=Path, default=None, metavar="YAML",
-        help="take the model keys of this reference-style config (others are ignored)")
-    add("--repeats", type=int, default=3, help="timed passes after a warm-up (median)")
-    add("--seed", type=int, default=0)
-    add("--json", type=Path, default=None, metavar="PATH", help="also write the report as JSON")
+        help="take the model keys of this reference-style config, ignore the others "
+             "(default: none, the reference model)")
+    add("--repeats", type=int, default=3, help="timed passes after a warm-up; the median is reported")
+    add("--seed", type=int, default=0, help="seed of the weights and the synthetic patient (default: %(default)s)")
+    add("--json", type=Path, default=None, metavar="PATH", help="also write the report as JSON here (default: not written)")
 
 
 def _model_cfg(args: argparse.Namespace) -> dict[str, Any]:

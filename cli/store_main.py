@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="DIR_L1 to write patches/<slide>.h5 into")
     p.add_argument("--level", type=int, default=1, help="target pyramid level")
     p.add_argument("--attrs", metavar="K=V,...",
-                   help="patch_size, patch_level, downsample for coords files without them (never guessed)")
+                   help="patch_size, patch_level, downsample for coords files without them (default: none; never guessed)")
     p.set_defaults(_run=_align)
 
     p = add_subcommand(sub, "convert", help="validate CLAM outputs and pack them into STORE.zarr",
@@ -157,20 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x5-features", required=True, type=Path, help="level-2 features: root, pt_files/ or h5_files/")
     p.add_argument("--x20-features", required=True, type=Path, help="level-1 features: root, pt_files/ or h5_files/")
     p.add_argument("--x5-coords", required=True, type=Path, help="level-2 coords dir (CLAM save dir or patches/)")
-    p.add_argument("--x20-coords", type=Path, help="level-1 coords dir; checks the 4x4 alignment")
+    p.add_argument("--x20-coords", type=Path, help="level-1 coords dir; checks the 4x4 alignment (default: only against h5_files coords)")
     p.add_argument("--out", required=True, type=Path, help="the store to create or resume")
-    p.add_argument("--labels", type=Path, help="labels CSV: slide -> patient (see above)")
+    p.add_argument("--labels", type=Path, help="labels CSV: slide -> patient (see above; default: slides without a patient id)")
     p.add_argument("--labels-map", metavar="K=COL,...",
-                   help="label columns: slide=, patient=, time=, event= or censorship= (1 - event)")
+                   help="label columns: slide=, patient=, time=, event= or censorship= (1 - event) "
+                        "(default: pathology_id, patient_id, t, e)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC, help="feature compression (README 'codecs')")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are already complete")
     p.add_argument("--extractor", help="feature extractor name to record (default: the x5 feature dir's name)")
     p.add_argument("--x5-attrs", metavar="K=V,...",
-                   help="patch_size, patch_level, downsample for x5 coords files without them")
+                   help="patch_size, patch_level, downsample for x5 coords files without them (default: none)")
     p.add_argument("--x20-attrs", metavar="K=V,...",
-                   help="the same for x20 coords files")
+                   help="the same for x20 coords files (default: none)")
     p.set_defaults(_run=_convert)
 
     p = add_subcommand(sub, "info", help="slides, patches, dims, dtype, bytes on disk, compression",

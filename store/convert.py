@@ -29,6 +29,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -470,22 +471,31 @@ def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[
     return arrays, attrs, sum(int(src["bytes"]) for src in slide.sources.values())
 
 
-def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
-    """Validate + write one slide. Returns (slide_id, failure reason or None, source bytes).
+class _Outcome(NamedTuple):
+    """What converting one slide gave (sent back from worker processes)."""
 
-    Anything that goes wrong before the write fails this slide only, with one line (the
-    traceback goes to the debug log); a write problem raises _WriteFailed (every later slide
-    would fail the same way).
+    slide_id: str
+    reason: str | None = None  # why it failed; None = converted
+    source_bytes: int = 0
+    traceback: str | None = None  # of an unexpected error, for the debug log (-v)
+
+
+def _convert_slide(task: _SlideTask) -> _Outcome:
+    """Validate + write one slide.
+
+    Anything that goes wrong before the write fails this slide only, with one line (an
+    unexpected error's traceback goes to the debug log, also from a worker process); a write
+    problem raises _WriteFailed (every later slide would fail the same way).
     """
     try:
         arrays, attrs, nbytes = _prepare(task)
     except ClamError as exc:
-        return task.slide_id, str(exc), 0
+        return _Outcome(task.slide_id, str(exc))
     except MemoryError:
-        return task.slide_id, "out of memory while reading the slide", 0
+        return _Outcome(task.slide_id, "out of memory while reading the slide")
     except Exception as exc:  # noqa: BLE001 - one odd input must not stop a 1,000-slide run
-        log.debug("reading %s failed", task.slide_id, exc_info=True)
-        return task.slide_id, f"cannot read its files ({type(exc).__name__}: {exc}; -vv for the traceback)", 0
+        return _Outcome(task.slide_id, f"cannot read its files ({type(exc).__name__}: {exc}; -v for the traceback)",
+                        traceback=traceback.format_exc())
     folder = slide_folder(task.out, task.slide_id)
     try:
         with _ctrl_c_deferred():
@@ -495,7 +505,7 @@ def _convert_slide(task: _SlideTask) -> tuple[str, str | None, int]:
     except Exception as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
-    return task.slide_id, None, nbytes
+    return _Outcome(task.slide_id, None, nbytes)
 
 
 @contextlib.contextmanager
@@ -913,13 +923,15 @@ def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: Con
     """Run the tasks into `report`/`failures`."""
     with Progress(len(tasks), "convert", "slide", enabled=progress) as bar:
         try:
-            for sid, reason, nbytes in _run(tasks, jobs):
+            for outcome in _run(tasks, jobs):
                 bar.update()
-                if reason is None:
-                    report.converted.append(sid)
-                    report.source_bytes += nbytes
+                if outcome.traceback:
+                    log.debug("%s: %s", outcome.slide_id, outcome.traceback)
+                if outcome.reason is None:
+                    report.converted.append(outcome.slide_id)
+                    report.source_bytes += outcome.source_bytes
                 else:
-                    failures[sid] = reason
+                    failures[outcome.slide_id] = outcome.reason
         except _WriteFailed as exc:
             raise ConvertError(str(exc)) from exc
 
@@ -957,7 +969,7 @@ def _start_without_sigint(proc: multiprocessing.process.BaseProcess) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, int]]:
+def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[_Outcome]:
     """Convert `tasks` with `jobs` converters: this process plus jobs - 1 worker processes.
 
     Workers pull one slide at a time once they are up, so their start-up (seconds: they import
@@ -989,7 +1001,7 @@ def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[tuple[str, str | None, 
                     conns.pop(conn).join(timeout=1)
                     if task is not None:
                         _remove_if_incomplete(task)
-                        yield task.slide_id, "worker process died while converting this slide (out of memory?)", 0
+                        yield _Outcome(task.slide_id, "worker process died while converting this slide (out of memory?)")
                     continue
                 if isinstance(msg, _WriteFailed):
                     raise msg
