@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path

@@ -300,14 +300,17 @@ def _check_features(task: _SlideTask, x5: np.ndarray, x20: np.ndarray) -> None:
     _check_range(x20, "x20 features", dtype)
 
 
+def _path(p: str | None) -> Path | None:
+    return Path(p) if p else None
+
+
 def _validate_trident(task: _SlideTask) -> _Slide:
     """Read one slide's two TRIDENT runs and assemble each x5 patch's 4x4 block of x20 tiles."""
     f5, f20 = task.x5_pt or task.x5_h5, task.x20_pt or task.x20_h5
     if f5 is None or f20 is None:
         raise ClamError(f"missing {'x5' if f5 is None else 'x20'} features (no features_<enc>/<slide>.h5)")
-    path = (lambda p: Path(p) if p else None)  # noqa: E731
-    low = _read("x5", read_trident_level, Path(f5), path(task.x5_coords))
-    high = _read("x20", read_trident_level, Path(f20), path(task.x20_coords))
+    low = _read("x5", read_trident_level, Path(f5), _path(task.x5_coords))
+    high = _read("x20", read_trident_level, Path(f20), _path(task.x20_coords))
     blocks = assemble_blocks(low, high)
     _check_features(task, blocks.x5, blocks.x20)
     roles = {}
@@ -334,12 +337,9 @@ def _validate(task: _SlideTask) -> _Slide:
     if task.x20_pt is None and task.x20_h5 is None:
         raise ClamError("missing x20 features (no .pt/.h5 in the x20 feature dir)")
 
-    def path(p: str | None) -> Path | None:
-        return Path(p) if p else None
-
     low = _read("x5 coords", read_coords, Path(task.x5_coords), task.x5_attrs)
-    f5 = _read("x5 features", read_feature_files, path(task.x5_pt), path(task.x5_h5))
-    f20 = _read("x20 features", read_feature_files, path(task.x20_pt), path(task.x20_h5))
+    f5 = _read("x5 features", read_feature_files, _path(task.x5_pt), _path(task.x5_h5))
+    f20 = _read("x20 features", read_feature_files, _path(task.x20_pt), _path(task.x20_h5))
     x5, x20 = f5.features, f20.features
     n = low.coords.shape[0]
     _check_rows(n, x5.shape[0], x20.shape[0])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 
 from dsca.store.align import align_coords, align_dir, block_offsets, check_alignment
 from dsca.store.clam import LevelAttrs, CoordsFile, read_coords
@@ -70,3 +71,29 @@ def test_cli_align_reports_a_level_mismatch(synth_cohort, tmp_path, capsys):
     assert main(["-q", "align", "--coords", str(synth_cohort.x20_coords), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == len(synth_cohort.slide_ids) and "patch_level is 1, cannot align to level 1" in err[0]
+
+
+def test_align_never_guesses_missing_level_attrs(tmp_path, capsys):
+    from dsca.cli.store_main import main
+    from dsca.store.clam import write_coords
+
+    low = np.array([[4096, 8192], [8192, 8192]], dtype=np.int64)
+    write_coords(tmp_path / "l2" / "patches" / "S1.h5", low, {"patch_size": 256})  # another tool's file
+    out = tmp_path / "l1"
+    assert main(["-q", "align", "--coords", str(tmp_path / "l2"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("S1: ") and "has no patch_level, downsample attributes" in err[0]
+    assert not (out / "patches" / "S1.h5").exists()
+    # given on the command line, they are used: level-1 sub-patches 256 px x downsample 4 apart
+    assert main(["-q", "align", "--coords", str(tmp_path / "l2"), "--out", str(out),
+                 "--attrs", "patch_level=2,downsample=16"]) == 0
+    high = read_coords(out / "patches" / "S1.h5")
+    np.testing.assert_array_equal(high.coords[:4] - low[0], [[0, 0], [1024, 0], [2048, 0], [3072, 0]])
+    assert high.patch_level == 1 and np.allclose(high.downsample, 4.0)
+    # a value that contradicts the file's own is refused, naming both
+    assert main(["-q", "align", "--coords", str(tmp_path / "l2"), "--out", str(out),
+                 "--attrs", "patch_size=512,patch_level=2,downsample=16"]) == 1
+    assert "has patch_size=256 but the command line gives 512" in capsys.readouterr().err
+    # garbage is a usage error
+    with pytest.raises(SystemExit, match="--attrs: level attrs 'patch_size=big'"):
+        main(["-q", "align", "--coords", str(tmp_path / "l2"), "--out", str(out), "--attrs", "patch_size=big"])
