@@ -752,6 +752,13 @@ def convert_cohort(
     if dtype not in DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     codec_chain(codec)  # validates the name
+    if jobs < 1:
+        raise ConvertError(f"--jobs must be at least 1, got {jobs}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if jobs > cores:
+        # each worker imports torch and holds a slide in memory: more than the cores only thrash
+        log.warning("--jobs %d is more than the %d CPU cores available; using %d", jobs, cores, cores)
+        jobs = cores
     options = _Options(dtype, codec, overwrite, dict(x5_attrs or {}), dict(x20_attrs or {}))
     out = Path(out)
     inputs = _Inputs.open(x5_features, x20_features, x5_coords, x20_coords)

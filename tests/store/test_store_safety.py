@@ -203,3 +203,13 @@ def test_a_full_disk_is_one_line_and_leaves_a_consistent_store(cohort_copy, smal
         assert {p.name for p in (out / "slides").iterdir()} == set(fs.slide_ids) | {"zarr.json"}
     else:
         assert list(disk.iterdir()) == []
+
+
+def test_jobs_are_checked_and_capped(cohort_copy, tmp_path):
+    run = _cli("-q", *_convert_args(cohort_copy, tmp_path / "a.zarr", "--jobs", "0"))
+    assert run.returncode == 2 and run.stderr.strip() == "error: --jobs must be at least 1, got 0"
+    assert not (tmp_path / "a.zarr").exists()
+    run = _cli(*_convert_args(cohort_copy, tmp_path / "b.zarr", "--jobs", "999"))
+    assert run.returncode == 0, run.stderr
+    cores = len(os.sched_getaffinity(0))
+    assert f"--jobs 999 is more than the {cores} CPU cores available; using {cores}" in run.stderr
