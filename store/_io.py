@@ -6,6 +6,7 @@ by `label` (the caller's choice of `folder/file` or `run/folder/file`).
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from dsca.store.provenance import SourceRecord, read_source
 
-__all__ = ["ClamError", "ZIP_MAGIC", "load_pt", "plain", "read_bytes", "short_reason"]
+__all__ = ["ClamError", "ZIP_MAGIC", "check_h5_stored", "load_pt", "plain", "read_bytes", "short_reason"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 Label = Callable[[Path], str]
@@ -60,6 +61,21 @@ def read_bytes(path: Path, label: Label) -> tuple[bytes, SourceRecord]:
     return data, source
 
 
+def check_h5_stored(dset: Any, what: str) -> None:
+    """Refuse a dataset whose declared size its file cannot hold.
+
+    HDF5 reads unwritten chunks as fill values, so an 8 KB file may declare 10^8 rows: reading
+    it would allocate gigabytes of zeros. An uncompressed dataset must store all its bytes; a
+    compressed one may not shrink more than 1000x (real features compress < 2x).
+    """
+    declared = int(dset.size) * int(dset.dtype.itemsize)
+    stored = int(dset.id.get_storage_size())
+    limit = declared if dset.compression is None else declared / 1000
+    if declared and stored < limit:
+        raise ClamError(f"{what} declares shape {tuple(dset.shape)} ({declared / 1e6:.1f} MB) but the file stores "
+                        f"{stored / 1e6:.3f} MB of it: truncated, or never written")
+
+
 def _numpy_safe_globals() -> list[Any]:
     """What unpickling a plain float ndarray needs (TRIDENT's `.pt` is ``torch.save(ndarray)``)."""
     try:
@@ -87,13 +103,18 @@ def load_pt(path: Path, label: Label) -> tuple[np.ndarray, SourceRecord]:
         if bad is not None:
             raise ClamError(f"{label(path)}: corrupt .pt (checksum mismatch in {bad.split('/', 1)[-1]})")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        # torch warns about old pickle protocols and nested tensors: the checks below decide
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
+            warnings.simplefilter("ignore")
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ClamError(f"{label(path)}: unreadable or truncated .pt ({short_reason(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
         raise ClamError(f"{label(path)}: unreadable .pt ({type(exc).__name__}: {short_reason(exc)})") from None
     if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.device.type != "cpu" or obj.is_quantized:
+            raise ClamError(f"{label(path)}: holds a {obj.layout}/{obj.device.type} tensor, expected a plain dense one")
+        obj = obj.detach()  # saved straight from a model: an nn.Parameter or a tensor needing grad
         obj = (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
     if not isinstance(obj, np.ndarray):
         raise ClamError(f"{label(path)}: holds a {type(obj).__name__}, expected a tensor or array [N, D]")

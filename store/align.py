@@ -19,7 +19,7 @@ from einops import rearrange
 
 from dsca.progress import Progress
 from dsca.store._layout import SCALE, slide_id_problem
-from dsca.store.clam import ClamError, CoordsFile, find_coords_dir, read_coords, write_coords
+from dsca.store.clam import ClamError, CoordsFile, find_coords_dir, index_dir, read_coords, write_coords
 
 __all__ = ["block_offsets", "align_coords", "aligned_attrs", "check_alignment", "align_dir", "AlignReport"]
 
@@ -118,10 +118,17 @@ def align_dir(coords_dir: str | Path, out_dir: str | Path, level: int = 1, progr
     out = Path(out_dir)
     failures: list[tuple[str, str]] = []
     written = 0
-    files = sorted(p for p in src.glob("*.h5") if not p.name.endswith(".tmp"))
+    files = [p for ps in index_dir(src, ".h5").values() for p in ps]
     if not files:
         raise ClamError(f"no coordinate files (*.h5) in {src}")
-    (out / "patches").mkdir(parents=True, exist_ok=True)
+    target = out / "patches"
+    if target.resolve() == src.resolve() or out.resolve() == src.resolve():
+        # the level-1 files would replace the level-2 ones they are computed from
+        raise ClamError(f"--out {out} would overwrite the input coordinates in {src}; choose another folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClamError(f"cannot create {target} ({exc.strerror or exc})") from None
     with Progress(len(files), "align", "slide", enabled=progress) as bar:
         for path in files:
             try:
@@ -145,5 +152,8 @@ def align_dir(coords_dir: str | Path, out_dir: str | Path, level: int = 1, progr
             bar.update()
     process_list = src.parent / "process_list_autogen.csv"
     if process_list.is_file():
-        shutil.copy(process_list, out / "process_list_autogen.csv")
+        try:
+            shutil.copy(process_list, out / "process_list_autogen.csv")
+        except OSError as exc:
+            raise ClamError(f"copying {process_list} to {out} failed ({exc.strerror or exc})") from None
     return AlignReport(written, failures)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dsca.atomic import atomic_path
-from dsca.store._io import ZIP_MAGIC, ClamError, load_pt, plain, read_bytes, short_reason
+from dsca.store._io import ZIP_MAGIC, ClamError, check_h5_stored, load_pt, plain, read_bytes, short_reason
 from dsca.store.provenance import SourceRecord
 
 __all__ = [
@@ -100,10 +100,16 @@ def parse_level_attrs(text: str | None) -> dict[str, Any]:
             raise ClamError(f"level attrs {text!r}: expected key=value pairs, got {part!r}")
         if key not in _LEVEL_KEYS:
             raise ClamError(f"level attrs {text!r}: unknown key {key!r} (use {', '.join(_LEVEL_KEYS)})")
+        if key in out:
+            raise ClamError(f"level attrs {text!r}: {key} given twice")
         try:
             out[key] = [float(v) for v in value.split("x")] if key == "downsample" else int(value)
         except ValueError:
             raise ClamError(f"level attrs {text!r}: {key} must be a number, got {value!r}") from None
+    # checked as a file's own attributes would be, once here rather than once per slide
+    _level_attrs({}, {"patch_size": 256, "patch_level": 0, "downsample": 1.0, **out}, f"level attrs {text!r}")
+    if "downsample" in out and len(out["downsample"]) > 2:
+        raise ClamError(f"level attrs {text!r}: downsample is one number or two joined by 'x'")
     return out
 
 
@@ -238,9 +244,10 @@ def read_coords(path: Path, given: Mapping[str, Any] | None = None) -> CoordsFil
     data, source = read_bytes(path, file_label)
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
-            if "coords" not in f:
+            dset = f.get("coords")
+            if not isinstance(dset, h5py.Dataset):
                 raise ClamError(f"{file_label(path)}: no 'coords' dataset")
-            dset = f["coords"]
+            check_h5_stored(dset, f"{file_label(path)} coords")
             coords = np.asarray(dset[()])
             attrs = _h5_attrs(dset, f)
     except ClamError:
@@ -339,13 +346,13 @@ def peek_shape(pt: Path | None, h5: Path | None) -> tuple[int, ...] | None:
     allows (zip `.pt`, `.h5`); a legacy `.pt` is loaded whole. None when unreadable (the real
     read then reports why)."""
     try:
-        if pt is not None:
+        if pt is not None and pt.is_file():  # never open a FIFO or a device: it may block forever
             with open(pt, "rb") as f:
                 zipped = f.read(4) == ZIP_MAGIC
             # mmap reads only the header, but exists for the zip format alone
             t = torch.load(pt, map_location="cpu", mmap=zipped, weights_only=True)
             return tuple(t.shape) if isinstance(t, torch.Tensor) else None
-        if h5 is not None:
+        if h5 is not None and h5.is_file():
             with h5py.File(h5, "r") as f:
                 return tuple(f["features"].shape)
     except Exception:  # noqa: BLE001 - a peek; the real read reports the reason
@@ -418,10 +425,15 @@ def _read_h5_features(path: Path) -> tuple[np.ndarray, np.ndarray | None, Source
     data, source = read_bytes(path, file_label)
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
-            if "features" not in f:
+            dset = f.get("features")
+            if not isinstance(dset, h5py.Dataset):
                 raise ClamError(f"{file_label(path)}: no 'features' dataset")
-            coords = f["coords"][()] if "coords" in f else None
-            features = f["features"][()]
+            check_h5_stored(dset, f"{file_label(path)} features")
+            coords = None
+            if isinstance(f.get("coords"), h5py.Dataset):
+                check_h5_stored(f["coords"], f"{file_label(path)} coords")
+                coords = f["coords"][()]
+            features = dset[()]
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:

@@ -543,7 +543,8 @@ class _NewStore:
     folder: bool
 
 
-def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict, _NewStore | None]:
+def _init_store(out: Path, existed: bool, dtype: str, codec: str, extractor: str,
+                explicit_extractor: bool) -> tuple[dict, _NewStore | None]:
     """Create the root group or check an existing one; drop stale consolidated metadata.
 
     Returns (root attrs, what this call created or None). A failed creation (full disk,
@@ -561,6 +562,12 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict
             # even with --overwrite: slides that fail or are not redone would keep the old dtype
             raise ConvertError(f"{out} holds {attrs.get('dtype')} features, asked for {dtype}; "
                                "convert into a new --out")
+        if attrs.get("extractor") != extractor:
+            if explicit_extractor:  # features of two encoders in one store would train as one
+                raise ConvertError(f"{out} holds features of {attrs.get('extractor')!r}, these are {extractor!r}; "
+                                   "convert into a new --out")
+            log.warning("%s holds features recorded as %r; this run's feature folder is %r (pass --extractor "
+                        "to make sure they are the same encoder)", out, attrs.get("extractor"), extractor)
         try:
             if not (out / SLIDES / "zarr.json").is_file():
                 root.create_group(SLIDES)
@@ -568,9 +575,6 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict
         except OSError as exc:
             raise ConvertError(f"{out}: cannot update the store ({exc.strerror or exc})") from None
         return attrs, None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
-    existed = out.exists()
     attrs = {
         "format": FORMAT,
         "feature_dim": None,
@@ -582,7 +586,6 @@ def _init_store(out: Path, dtype: str, codec: str, extractor: str) -> tuple[dict
         "created_by": f"dsca {dsca.__version__}",
     }
     try:
-        out.mkdir(parents=True, exist_ok=True)
         root = zarr.create_group(store=str(out), attributes=attrs, zarr_format=3)
         root.create_group(SLIDES)
     except Exception as exc:
@@ -596,20 +599,19 @@ def _remove_new_store(out: Path, existed: bool) -> None:
 
     Only the names this module writes are removed, and an existing (empty) folder stays.
     """
-    (out / "zarr.json").unlink(missing_ok=True)
-    for tmp in out.iterdir() if out.is_dir() else ():
-        if TEMP_FILE.fullmatch(tmp.name) and tmp.is_file():
-            tmp.unlink()
-    slides = out / SLIDES
-    if slides.is_dir():
-        (slides / "zarr.json").unlink(missing_ok=True)
-        for child in slides.iterdir():
-            if slide_id_problem(child.name) is None and child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a read-only or vanished folder: nothing to undo
+        (out / "zarr.json").unlink(missing_ok=True)
+        for tmp in out.iterdir() if out.is_dir() else ():
+            if TEMP_FILE.fullmatch(tmp.name) and tmp.is_file():
+                tmp.unlink()
+        slides = out / SLIDES
+        if slides.is_dir():
+            (slides / "zarr.json").unlink(missing_ok=True)
+            for child in slides.iterdir():
+                if slide_id_problem(child.name) is None and child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
             slides.rmdir()
-    if not existed:
-        with contextlib.suppress(OSError):
+        if not existed:
             out.rmdir()
 
 
@@ -785,11 +787,21 @@ def convert_cohort(
         log.warning("%d slides are not in the labels CSV (%s%s); converted without a patient id",
                     len(unlabelled), ", ".join(unlabelled[:3]), more)
 
-    attrs, created = _init_store(out, dtype, codec, extractor or inputs.encoder or inputs.roots[0].name)
+    existed = out.exists()
+    if existed and not out.is_dir():
+        raise ConvertError(f"{out} exists and is not a folder; refusing to write into it")
+    if existed and not (out / "zarr.json").exists() and any(out.iterdir()):
+        raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
     try:
-        lock = _lock(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"cannot create {out} ({exc.strerror or exc})") from None
+    lock = _lock(out)  # on failure the folder stays: the convert holding it owns it now
+    try:
+        attrs, created = _init_store(out, existed, dtype, codec, extractor or inputs.encoder or inputs.roots[0].name,
+                                     explicit_extractor=extractor is not None or inputs.encoder is not None)
     except BaseException:
-        _finish_store(out, created, quiet=True)
+        os.close(lock)
         raise
     try:
         slide_ids = sorted(everything - set(failures))
@@ -911,12 +923,17 @@ def _duplicate_ids(sources: dict[str, dict[str, list[Path]]]) -> dict[str, str]:
 
 
 def _lock(out: Path) -> int:
-    """Hold an exclusive lock on the store's slides/ folder for this run.
+    """Hold an exclusive lock on the store's folder for this run, taken before anything is written.
 
-    Two converts writing one store would delete each other's half-written slides. flock dies
-    with its process (also on kill -9), so a crashed run never leaves a stale lock.
+    Two converts writing one store would delete each other's half-written slides (or, both
+    creating it, one would remove the other's new store). flock on the folder itself leaves no
+    file for zarr to trip over and dies with its process (also on kill -9): a crashed run never
+    leaves a stale lock.
     """
-    fd = os.open(out / SLIDES, os.O_RDONLY)
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConvertError(f"{out}: cannot open it ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from dsca.store._layout import BLOCK, SCALE
-from dsca.store._io import ClamError, load_pt, plain, read_bytes, short_reason
+from dsca.store._io import ClamError, check_h5_stored, load_pt, plain, read_bytes, short_reason
 from dsca.store.clam import CoordsFile, LevelAttrs, check_coords, index_dir
 from dsca.store.provenance import SourceRecord
 
@@ -414,6 +414,7 @@ def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any], SourceRecor
         with _h5(path, data) as f:
             if not isinstance(f.get("coords"), h5py.Dataset):
                 raise ClamError(f"{trident_label(path)}: no 'coords' dataset")
+            check_h5_stored(f["coords"], f"{trident_label(path)} coords")
             return np.asarray(f["coords"][()]), _attrs(f["coords"]), source
     except ClamError:
         raise
@@ -427,10 +428,12 @@ def _read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[s
         with _h5(path, data) as f:
             if not isinstance(f.get("features"), h5py.Dataset):
                 raise ClamError(f"{trident_label(path)}: no 'features' dataset")
+            check_h5_stored(f["features"], f"{trident_label(path)} features")
             features = np.asarray(f["features"][()])
             encoder = _encoder_attr(f["features"])
             coords, attrs = None, {}
             if isinstance(f.get("coords"), h5py.Dataset):
+                check_h5_stored(f["coords"], f"{trident_label(path)} coords")
                 coords, attrs = np.asarray(f["coords"][()]), _attrs(f["coords"])
     except ClamError:
         raise

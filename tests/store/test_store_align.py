@@ -97,3 +97,26 @@ def test_align_never_guesses_missing_level_attrs(tmp_path, capsys):
     # garbage is a usage error
     with pytest.raises(SystemExit, match="--attrs: level attrs 'patch_size=big'"):
         main(["-q", "align", "--coords", str(tmp_path / "l2"), "--out", str(out), "--attrs", "patch_size=big"])
+
+
+def test_align_refuses_to_overwrite_its_inputs(synth_cohort, tmp_path, capsys):
+    import shutil
+
+    from dsca.cli.store_main import main
+
+    src = tmp_path / "l2"
+    shutil.copytree(synth_cohort.x5_coords, src)
+    before = {p.name: p.read_bytes() for p in (src / "patches").iterdir()}
+    for out in (src, src / "patches"):
+        assert main(["-q", "align", "--coords", str(src), "--out", str(out)]) == 2
+        assert "would overwrite the input coordinates" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (src / "patches").iterdir()} == before
+    # upper-case suffixes are coordinate files too
+    first = sorted(before)[0]
+    (src / "patches" / first).rename(src / "patches" / first.replace(".h5", ".H5"))
+    assert main(["-q", "align", "--coords", str(src), "--out", str(tmp_path / "l1")]) == 0
+    assert f"aligned {len(before)} slides" in capsys.readouterr().out
+    # --out that is a file: one line
+    (tmp_path / "afile").write_text("x")
+    assert main(["-q", "align", "--coords", str(src), "--out", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot create")

@@ -55,7 +55,7 @@ def test_second_convert_into_a_busy_store_is_refused(synth_cohort, tmp_path):
     out = tmp_path / "s.zarr"
     _convert(synth_cohort, out)
     # what a running convert holds (flock conflicts between two opens, also in one process)
-    fd = os.open(out / "slides", os.O_RDONLY)
+    fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(ConvertError, match="being written by another convert"):

@@ -213,3 +213,19 @@ def test_jobs_are_checked_and_capped(cohort_copy, tmp_path):
     assert run.returncode == 0, run.stderr
     cores = len(os.sched_getaffinity(0))
     assert f"--jobs 999 is more than the {cores} CPU cores available; using {cores}" in run.stderr
+
+
+def test_two_first_converts_at_once_never_destroy_each_other(cohort_copy, tmp_path):
+    for attempt in range(3):
+        out = tmp_path / f"race{attempt}.zarr"
+        cmd = [sys.executable, "-m", "dsca.cli.store_main", "-q", *_convert_args(cohort_copy, out)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        codes = sorted(code for code, _ in results)
+        # one wins; the other is refused, or ran after it and found everything complete
+        assert codes in ([0, 0], [0, 2]), results
+        assert all("Traceback" not in err for _, err in results)
+        if codes == [0, 2]:
+            assert any("being written by another convert" in err for _, err in results)
+        assert FeatureStore.open(out).slide_ids == sorted(cohort_copy.slide_ids)
+        assert verify_store(out, progress=False).ok
