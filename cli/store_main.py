@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -41,9 +42,14 @@ def _align(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SLURM's scancel/time limit and `timeout` stop a job like a Ctrl-C
+
+
 def _convert(args: argparse.Namespace) -> int:
     from dsca.store.convert import ConvertError, convert_cohort
 
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         report = convert_cohort(
             x5_features=args.x5_features, x20_features=args.x20_features, x5_coords=args.x5_coords,
@@ -221,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     # zarr warns on every consolidated-metadata use; the store relies on it knowingly
     warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # e.g. while the first command still imports torch
+        _fail(["interrupted"])
+        return 130
 
 
 if __name__ == "__main__":

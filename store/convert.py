@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 import traceback
+import unicodedata
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator
@@ -125,11 +126,15 @@ class ConvertReport:
         return not self.failures and not self.missing
 
     def lines(self) -> Iterator[str]:
-        """One line per problem (slide id first), for the CLI."""
+        """One line per problem (slide id first, quoted when it holds unprintable characters)."""
         for sid, reason in self.failures:
-            yield f"{sid}: {reason}"
+            yield f"{_shown(sid)}: {reason}"
         for sid in self.missing:
-            yield f"{sid}: listed in the labels CSV but has no feature files (missing)"
+            yield f"{_shown(sid)}: listed in the labels CSV but has no feature files (missing)"
+
+
+def _shown(slide_id: str) -> str:
+    return slide_id if slide_id.isprintable() else repr(slide_id)
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,10 @@ class _SlideTask:
     x5_attrs: dict[str, Any] = field(default_factory=dict)
     x20_attrs: dict[str, Any] = field(default_factory=dict)
     trident: bool = False  # TRIDENT outputs: two independent grids, x20 blocks assembled by cell
+
+    def given_attrs(self) -> dict[str, dict[str, Any]]:
+        """Level attributes from the command line (recorded: a rerun with others redoes the slide)."""
+        return {"x5": self.x5_attrs, "x20": self.x20_attrs}
 
     def source_files(self) -> dict[str, str | None]:
         """role -> the file this slide is read from (the keys of its `sources` attribute)."""
@@ -256,6 +265,11 @@ def _check_range(x: np.ndarray, what: str, dtype: np.dtype) -> None:
     lo, hi = float(x.min()), float(x.max())
     limit = float(np.finfo(dtype).max)
     if -limit <= lo and hi <= limit:  # False for NaN
+        # all values below the dtype's normal range: stored, they would lose most of their
+        # precision or become zeros
+        if 0 < max(-lo, hi) < float(np.finfo(dtype).tiny):
+            raise ClamError(f"{what} are all below {max(-lo, hi):.3g}, under {np.dtype(dtype).name}'s normal range "
+                            f"(+-{float(np.finfo(dtype).tiny):.3g}); convert with --dtype float32")
         return
     finite = np.isfinite(x)
     if not finite.all():
@@ -288,6 +302,7 @@ class _Slide:
     low: CoordsFile
     sources: dict[str, dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings for the log (workers have none)
 
 
 def _check_features(task: _SlideTask, x5: np.ndarray, x20: np.ndarray) -> None:
@@ -298,6 +313,27 @@ def _check_features(task: _SlideTask, x5: np.ndarray, x20: np.ndarray) -> None:
     dtype = np.dtype(task.dtype)
     _check_range(x5, "x5 features", dtype)
     _check_range(x20, "x20 features", dtype)
+
+
+# TRIDENT filters each run against tissue on its own: blocks at the tissue's edge lose a few
+# tiles. More than this fraction of dropped x5 patches is worth a warning.
+_MAX_DROPPED = 0.1
+
+
+def _check_levels(low: CoordsFile, high: CoordsFile) -> None:
+    """The x5 level must be SCALE^k times coarser than the x20 level, by its attributes too.
+
+    A wrong downsample given for x5 (--x5-attrs) would not show in the 4x4 offsets, which
+    come from the x20 file, but would put patches in the wrong grid cells.
+    """
+    if low.patch_level is None or high.patch_level is None:
+        return
+    k = low.patch_level - high.patch_level
+    expected = high.downsample * float(SCALE) ** k
+    if k < 1 or not np.allclose(low.downsample, expected, rtol=0.02):
+        raise ClamError(f"x5 level {low.patch_level} (downsample {low.downsample.round(4).tolist()}) is not "
+                        f"{SCALE}^k x the x20 level {high.patch_level} (downsample {high.downsample.round(4).tolist()}): "
+                        "check the level attributes")
 
 
 def _path(p: str | None) -> Path | None:
@@ -319,11 +355,13 @@ def _validate_trident(task: _SlideTask) -> _Slide:
             kind = "features" if Path(rec.path).name == Path(level.path).name else "coords"
             roles[f"{name}_{kind}"] = rec.to_attrs()
     coords = CoordsFile(blocks.x5_coords, low.attrs, blocks.level5)
-    if blocks.dropped:
-        log.info("%s: %d of %d x5 patches left out: not all 16 of their x20 tiles were extracted",
-                 task.slide_id, blocks.dropped, blocks.dropped + len(blocks.x5))
+    notes = []
+    total = blocks.dropped + len(blocks.x5)
+    if blocks.dropped > _MAX_DROPPED * total:
+        notes.append(f"{blocks.dropped} of {total} x5 patches left out: not all 16 of their x20 tiles were "
+                     "extracted (did the 20x run use another tissue segmentation?)")
     extra = {"format": "trident", "encoder": low.encoder, "dropped_x5_patches": blocks.dropped}
-    return _Slide(blocks.x5, blocks.x20, coords, roles, extra)
+    return _Slide(blocks.x5, blocks.x20, coords, roles, extra, notes)
 
 
 def _validate(task: _SlideTask) -> _Slide:
@@ -358,6 +396,7 @@ def _validate(task: _SlideTask) -> _Slide:
             raise ClamError(f"x20 {file_label(Path(task.x20_h5))} coords disagree with the x20 coords file "
                             f"{file_label(Path(task.x20_coords))} ({_first_difference(f20.coords, high_file.coords)})")
         high, high_ds = high_file.coords, high_file.downsample
+        _check_levels(low, high_file)
     if high is not None:
         reason = check_alignment(low, high, high_ds)
         if reason:
@@ -443,11 +482,14 @@ class _WriteFailed(Exception):
     """Writing to the store failed (disk full, permissions): fatal for the run, not the slide."""
 
 
-def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, Any], int]:
-    """Read, validate and lay out one slide: (arrays to write, slide attrs, source bytes)."""
+def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, Any], int, list[str]]:
+    """Read, validate and lay out one slide: (arrays to write, slide attrs, source bytes, notes)."""
     slide = _validate(task)
     dtype = np.dtype(task.dtype)
     grid, grid_index, collisions = _grid(slide.low)
+    if collisions:
+        slide.notes.append(f"{collisions} of {len(grid)} patches share a grid cell with an earlier one (step "
+                           f"{slide.low.step.tolist()} px): are patch_size and downsample right?")
     arrays = {
         "x5": (_cast(slide.x5, dtype), task.codec),
         "x20": (_cast(slide.x20, dtype).reshape(-1, BLOCK, slide.x20.shape[1]), task.codec),
@@ -468,7 +510,9 @@ def _prepare(task: _SlideTask) -> tuple[dict[str, tuple[np.ndarray, str]], dict[
         "sources": slide.sources,
         **slide.extra,
     }
-    return arrays, attrs, sum(int(src["bytes"]) for src in slide.sources.values())
+    if task.x5_attrs or task.x20_attrs:
+        attrs["given_attrs"] = task.given_attrs()
+    return arrays, attrs, sum(int(src["bytes"]) for src in slide.sources.values()), slide.notes
 
 
 class _Outcome(NamedTuple):
@@ -478,6 +522,7 @@ class _Outcome(NamedTuple):
     reason: str | None = None  # why it failed; None = converted
     source_bytes: int = 0
     traceback: str | None = None  # of an unexpected error, for the debug log (-v)
+    notes: tuple[str, ...] = ()  # warnings about a converted slide
 
 
 def _convert_slide(task: _SlideTask) -> _Outcome:
@@ -488,7 +533,7 @@ def _convert_slide(task: _SlideTask) -> _Outcome:
     problem raises _WriteFailed (every later slide would fail the same way).
     """
     try:
-        arrays, attrs, nbytes = _prepare(task)
+        arrays, attrs, nbytes, notes = _prepare(task)
     except ClamError as exc:
         return _Outcome(task.slide_id, str(exc))
     except MemoryError:
@@ -505,7 +550,11 @@ def _convert_slide(task: _SlideTask) -> _Outcome:
     except Exception as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
-    return _Outcome(task.slide_id, None, nbytes)
+    return _Outcome(task.slide_id, None, nbytes, notes=tuple(notes))
+
+
+# Ctrl-C, and SIGTERM as SLURM and `timeout` send it (the CLI turns SIGTERM into a KeyboardInterrupt)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -516,15 +565,16 @@ def _ctrl_c_deferred() -> Iterator[None]:
     removing the half-written slide here would race with writes still landing. Finishing the
     slide (a second at most) and stopping after it leaves it complete instead.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # a worker: it ignores Ctrl-C, the parent stops it
         return
     interrupted: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: interrupted.append(signum)) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if interrupted:
         raise KeyboardInterrupt
 
@@ -779,7 +829,7 @@ def convert_cohort(
         table = read_label_slides(labels, everything, labels_map)
         patients = table.patients
         failures.update({sid: reason for sid, reason in table.problems.items() if sid not in failures})
-        report.missing = table.missing
+        report.missing = [sid for sid in table.missing if sid not in failures]
         _hint_extensions(table.missing, everything)
     unlabelled = sorted(everything - set(patients) - set(failures)) if labels is not None else []
     if unlabelled:
@@ -805,7 +855,8 @@ def convert_cohort(
         raise
     try:
         slide_ids = sorted(everything - set(failures))
-        tasks = _plan(report, out, inputs, options, slide_ids, patients, attrs.get("feature_dim"), failures)
+        tasks = _plan(report, out, inputs, options, slide_ids, patients if labels is not None else None,
+                      attrs.get("feature_dim"), failures)
         _convert_all(tasks, jobs, progress, report, failures)
     except BaseException:
         # the first error is the one to report; a full disk would fail the clean-up's writes too
@@ -815,6 +866,9 @@ def convert_cohort(
         _finish_store(out, created)
     finally:
         os.close(lock)
+    for sid in report.reconverted:
+        if sid in failures:
+            failures[sid] += "; the store keeps the slide as converted from its earlier sources"
     report.failures = sorted(failures.items())
     report.converted.sort()
     report.seconds = time.perf_counter() - t0
@@ -822,9 +876,13 @@ def convert_cohort(
 
 
 def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, slide_ids: list[str],
-          patients: dict[str, str], dim: int | None, failures: dict[str, str]) -> list[_SlideTask]:
+          patients: dict[str, str] | None, dim: int | None, failures: dict[str, str]) -> list[_SlideTask]:
     """The slides this run converts: new ones, incomplete ones, and complete ones whose sources
-    changed (all with `overwrite`); records the cohort's feature dim in a new store."""
+    changed (all with `overwrite`); records the cohort's feature dim in a new store. With
+    labels, complete slides take their patient ids from them."""
+    labelled = patients is not None
+    patients = patients or {}
+    relabel: dict[str, str | None] = {}
     _remove_temp_files(out)
     complete = complete_slides(out)
     if dim is None:
@@ -839,8 +897,12 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
         task = inputs.task(sid, out, options, dim, patients.get(sid))
         if sid in complete and not options.overwrite:
             changes = source_changes(complete[sid].get("sources", {}), task.source_files())
+            if complete[sid].get("given_attrs", {"x5": {}, "x20": {}}) != task.given_attrs():
+                changes.append("the level attributes given on the command line changed")
             if not changes:
                 report.skipped.append(sid)
+                if labelled and complete[sid].get("patient_id") != task.patient_id:
+                    relabel[sid] = task.patient_id
                 continue
             log.warning("%s: sources changed since it was converted (%s); converting it again",
                         sid, "; ".join(changes))
@@ -848,7 +910,27 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
         tasks.append(task)
     if report.skipped:
         log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
+    _relabel(out, relabel)
+    gone = sorted(set(complete) - set(slide_ids) - set(failures))
+    if gone:
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        log.warning("%d complete slides of %s have no source files in this run (%s%s); they stay in the store "
+                    "as converted earlier", len(gone), out, ", ".join(gone[:3]), more)
     return tasks
+
+
+def _relabel(out: Path, patients: dict[str, str | None]) -> None:
+    """Set the patient id of complete slides whose labels changed since they were converted.
+
+    One atomic metadata write per slide; the data is untouched (readers group slides into
+    patients by this attribute, so a stale one would train slides as the wrong patient).
+    """
+    for sid, pid in sorted(patients.items()):
+        group = zarr.open_group(str(slide_folder(out, sid)), mode="r+", use_consolidated=False)
+        log.info("%s: patient id %r -> %r (from the labels CSV)", sid, group.attrs.get("patient_id"), pid)
+        group.attrs["patient_id"] = pid
+    if patients:
+        log.warning("%d complete slides got their patient id from this run's labels CSV", len(patients))
 
 
 def _cohort_dim(inputs: _Inputs, slide_ids: list[str]) -> int | None:
@@ -905,7 +987,8 @@ def _duplicate_ids(sources: dict[str, dict[str, list[Path]]]) -> dict[str, str]:
     groups: dict[str, dict[str, dict[str, list[Path]]]] = {}  # casefold -> id -> source -> files
     for what, files in sources.items():
         for sid, paths in files.items():
-            groups.setdefault(sid.casefold(), {}).setdefault(sid, {})[what] = paths
+            # NFC: an accented id typed on macOS (decomposed) and on Linux (composed) is one slide
+            groups.setdefault(unicodedata.normalize("NFC", sid).casefold(), {}).setdefault(sid, {})[what] = paths
     failures: dict[str, str] = {}
     for ids in groups.values():
         doubled = [f"{what} has {' and '.join(p.name for p in paths)}"
@@ -914,7 +997,7 @@ def _duplicate_ids(sources: dict[str, dict[str, list[Path]]]) -> dict[str, str]:
             continue
         if len(ids) > 1:
             where_ = "; ".join(f"{sid!r} in {', '.join(by_source)}" for sid, by_source in sorted(ids.items()))
-            reason = f"duplicate slide id, differing only in case: {where_}"
+            reason = f"duplicate slide id, differing only in case or unicode form: {where_}"
         else:
             reason = f"duplicate slide id: {'; '.join(doubled)}"
         for sid in ids:
@@ -951,6 +1034,8 @@ def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: Con
                 bar.update()
                 if outcome.traceback:
                     log.debug("%s: %s", outcome.slide_id, outcome.traceback)
+                for note in outcome.notes:
+                    log.warning("%s: %s", outcome.slide_id, note)
                 if outcome.reason is None:
                     report.converted.append(outcome.slide_id)
                     report.source_bytes += outcome.source_bytes
@@ -962,9 +1047,10 @@ def _convert_all(tasks: list[_SlideTask], jobs: int, progress: bool, report: Con
 
 def _worker(conn: Connection) -> None:
     """Worker process: announce readiness, then convert slides until told to stop."""
-    # Ctrl-C goes to the whole process group: the parent alone decides how to stop (already
-    # ignored when started from the main thread, see _start_without_sigint)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and scancel go to the whole process group: the parent alone decides how to stop
+    # (already ignored when started from the main thread, see _start_without_sigint)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         conn.send(None)
         while (task := conn.recv()) is not None:
@@ -978,19 +1064,20 @@ def _worker(conn: Connection) -> None:
 
 
 def _start_without_sigint(proc: multiprocessing.process.BaseProcess) -> None:
-    """Start a worker that ignores Ctrl-C from its first instruction.
+    """Start a worker that ignores Ctrl-C and SIGTERM from its first instruction.
 
-    An ignored SIGINT survives exec and Python keeps it ignored, so a Ctrl-C while the worker
+    An ignored signal survives exec and Python keeps it ignored, so a Ctrl-C while the worker
     is still importing torch prints no traceback; the parent stops its workers itself.
     """
     if threading.current_thread() is not threading.main_thread():
         proc.start()  # signal handlers can only be changed from the main thread
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
     try:
         proc.start()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[_Outcome]:

@@ -42,7 +42,7 @@ def _convert(c, out: Path, **kw):
                           x20_coords=c.x20_coords, labels=c.labels_csv, out=out, progress=False, **kw)
 
 
-HOSTILE = [".", "..", "a\\b", "zarr.json", "x.partial", "y.tmp", ".hidden", " lead", "ctl\x01id"]
+HOSTILE = [".", "..", "a\\b", "zarr.json", "x.partial", "y.tmp", ".hidden", " lead", "ctl\x01id", "new\nline"]
 
 
 def test_hostile_slide_ids_are_refused_and_nothing_else_is_touched(cohort_copy, tmp_path):
@@ -60,8 +60,8 @@ def test_hostile_slide_ids_are_refused_and_nothing_else_is_touched(cohort_copy, 
     assert run.returncode == 1, run.stderr
     lines = run.stderr.splitlines()
     for sid in HOSTILE:
-        assert sum(line.startswith(f"{sid}: slide id") or line.startswith(f"{sid}: empty") for line in lines) == 1, \
-            (sid, run.stderr)
+        shown = sid if sid.isprintable() else repr(sid)  # one line per slide, also for an id with a newline
+        assert sum(line.startswith(f"{shown}: slide id") for line in lines) == 1, (sid, run.stderr)
     assert len(lines) == len(HOSTILE), run.stderr
     # every finished slide is still there, byte for byte, and nothing else appeared
     after = {k: v for k, v in _tree(out / "slides").items() if k != "zarr.json"}
@@ -229,3 +229,80 @@ def test_two_first_converts_at_once_never_destroy_each_other(cohort_copy, tmp_pa
             assert any("being written by another convert" in err for _, err in results)
         assert FeatureStore.open(out).slide_ids == sorted(cohort_copy.slide_ids)
         assert verify_store(out, progress=False).ok
+
+
+def test_a_rerun_takes_patient_ids_from_the_labels_and_names_slides_without_sources(cohort_copy, tmp_path, caplog):
+    import pandas as pd
+
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    unlabelled = convert_cohort(x5_features=c.x5_features, x20_features=c.x20_features, x5_coords=c.x5_coords,
+                                x20_coords=c.x20_coords, out=out, progress=False)
+    assert unlabelled.ok and FeatureStore.open(out).patient_slides() == {}
+    # the labels come later: a rerun with them gives every complete slide its patient
+    assert _convert(c, out).skipped == sorted(c.slide_ids)
+    df = pd.read_csv(c.labels_csv, dtype=str)
+    assert FeatureStore.open(out).patient_slides() == {p: sorted(g.pathology_id) for p, g in df.groupby("patient_id")}
+    # a corrected table moves one slide to another patient
+    moved = df.pathology_id.iloc[0]
+    df.loc[df.pathology_id == moved, "patient_id"] = "SYN-NEW"
+    df.to_csv(c.labels_csv, index=False)
+    assert _convert(c, out).ok
+    assert FeatureStore.open(out).slide_attrs(moved)["patient_id"] == "SYN-NEW"
+    # a slide whose files are gone stays, and the run says so
+    gone = c.slide_ids[-1]
+    for folder, suffix in ((c.x5_features / "pt_files", ".pt"), (c.x5_features / "h5_files", ".h5"),
+                           (c.x20_features / "pt_files", ".pt"), (c.x20_features / "h5_files", ".h5"),
+                           (c.x5_coords / "patches", ".h5"), (c.x20_coords / "patches", ".h5")):
+        (folder / f"{gone}{suffix}").unlink()
+    df[df.pathology_id != gone].to_csv(c.labels_csv, index=False)
+    caplog.clear()
+    assert _convert(c, out).ok
+    assert any(f"1 complete slides of {out} have no source files in this run ({gone})" in r.getMessage()
+               for r in caplog.records)
+    assert gone in FeatureStore.open(out).slide_ids
+
+
+def test_level_attrs_and_encoder_are_part_of_what_a_rerun_compares(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    sid = c.slide_ids[0]
+    import h5py
+
+    for p in (c.x5_coords / "patches").iterdir():  # another tool's files: no downsample
+        with h5py.File(p, "r+") as f:
+            ds = f["coords"].attrs["downsample"].tolist()
+            del f["coords"].attrs["downsample"]
+    given = f"downsample={ds[0]}x{ds[1]}"
+    run = _cli("-q", *_convert_args(c, out, "--x5-attrs", given))
+    assert run.returncode == 0, run.stderr
+    assert FeatureStore.open(out).slide_attrs(sid)["given_attrs"]["x5"] == {"downsample": ds}
+    run = _cli(*_convert_args(c, out, "--x5-attrs", f"downsample={ds[0] * 1.0001}x{ds[1]}"))
+    assert run.returncode == 0 and "level attributes given on the command line changed" in run.stderr, run.stderr
+    n = len(c.slide_ids)
+    assert f"converted {n} ({n} again" in run.stdout
+    # features of another encoder into the same store are refused when the encoder is named
+    run = _cli("-q", *_convert_args(c, out, "--x5-attrs", given, "--extractor", "uni_v1"))
+    assert run.returncode == 2 and "holds features of 'feats-l2-s256-synth', these are 'uni_v1'" in run.stderr
+
+
+def test_ids_that_differ_only_in_unicode_form_are_one_slide(cohort_copy, tmp_path):
+    import unicodedata
+
+    c = cohort_copy
+    good = c.slide_ids[0]
+    composed, decomposed = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    for sid in (composed, decomposed):
+        shutil.copy(c.x5_features / "pt_files" / f"{good}.pt", c.x5_features / "pt_files" / f"{sid}.pt")
+    report = _convert(c, tmp_path / "store.zarr")
+    reasons = dict(report.failures)
+    assert "differing only in case or unicode form" in reasons[composed] and decomposed in reasons
+
+
+def test_a_fifo_named_like_a_feature_file_is_reported_not_read(cohort_copy, tmp_path):
+    c = cohort_copy
+    os.mkfifo(c.x5_features / "pt_files" / "PIPE.pt")
+    run = _cli("-q", *_convert_args(c, tmp_path / "store.zarr"), timeout=120)
+    assert run.returncode == 1
+    # no hang on the cohort's dim probe; the slide fails with one line
+    assert sum(line.startswith("PIPE: ") for line in run.stderr.splitlines()) == 1, run.stderr

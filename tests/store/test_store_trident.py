@@ -498,8 +498,11 @@ def test_convert_two_trident_runs_into_a_store(tmp_path):
            "--out", str(out), "--dtype", "float32"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
-    assert res.stderr.strip().splitlines() == ["U: missing x20 coords file (no U_patches.h5 in "
-                                               f"{run20 / 'patches'})"], res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1] == f"U: missing x20 coords file (no U_patches.h5 in {run20 / 'patches'})", res.stderr
+    # 1 of T's 6 patches lost: more than 10%, worth a warning even with -q
+    assert len(lines) == 2 and lines[0].endswith("T: 1 of 6 x5 patches left out: not all 16 of their x20 tiles "
+                                                 "were extracted (did the 20x run use another tissue segmentation?)")
     fs = FeatureStore.open(out)
     assert fs.slide_ids == ["S", "T"] and fs.attrs["extractor"] == "uni_v1"
     s = fs.read_slide("S")

@@ -83,6 +83,9 @@ EXPECTED = {
     "stray_patch": "lies far from the others (a stray or corrupted coordinate?)",
     "no_level_attrs": "x5 coords: patches/{s}.h5 has no patch_level, downsample attributes",
     "swapped": "x5 and x20 look swapped: x5 features have",
+    "underflow": "x20 features are all below 1e-09, under float16's normal range",
+    "x5_downsample": "x5 level 2 (downsample [32.0, 32.0]) is not 4^k x the x20 level 1",
+    "h5_bomb": "x5 features: h5_files/{s}.h5 features declares shape (1000000, 32)",
 }
 
 
@@ -217,6 +220,20 @@ def damaged(cohort40, tmp_path_factory):
         b.rename(a)
         (root / "tmp.pt").rename(b)
     _drop_h5(h5(f5, s), h5(f20, s))
+    s = bad["underflow"]  # float32 values that float16 would flush to zero
+    _save_pt(f20 / "pt_files" / f"{s}.pt", np.full_like(_pt(f20 / "pt_files" / f"{s}.pt"), 1e-9))
+    _drop_h5(h5(f20, s))
+    s = bad["x5_downsample"]  # consistent 4x4 offsets, but the x5 level's own downsample is off
+    _set_attrs(c5 / f"{s}.h5", downsample=np.array([32.0, 32.0]), level_dim=np.array([10**6, 10**6]))
+    s = bad["h5_bomb"]  # a tiny file that declares 10^6 x 32 floats it never stores
+    (f5 / "pt_files" / f"{s}.pt").unlink()
+    with h5py.File(h5(f5, s), "r") as f:
+        coords = f["coords"][()]
+    with h5py.File(h5(f5, s), "w") as f:
+        f.create_dataset("features", shape=(10**6, 32), dtype=np.float32, chunks=(1024, 32))
+        f["coords"] = coords
+    p = f5 / "pt_files" / f"{good[2]}.pt"  # saved straight from a model: a tensor that needs grad
+    torch.save(torch.from_numpy(_pt(p)).requires_grad_(), p)
     labels = pd.read_csv(root / "synth_path_full.csv", dtype=str)
     s = bad["label_duplicate"]
     labels = pd.concat([labels, pd.DataFrame([{"pathology_id": s, "patient_id": "SYN-9999", "e": "1", "t": "5"}])])
