@@ -13,6 +13,8 @@ Layers:
 
 * :func:`read_label_table` - the validated slide-level table under canonical column names
   (used by training and by the store converter);
+* :func:`check_header` / :func:`missing_id` - the header and id checks it makes, for readers
+  of label CSVs that do not go through it;
 * :func:`load_labels` - the patient-level labels with time bins (training);
 * :func:`slide_key` / :func:`match_slide_ids` - label slide ids vs feature/store slide ids,
   which may differ by a WSI file extension (``X.svs`` in the CSV, ``X.h5`` on disk).
@@ -26,6 +28,7 @@ patients so that every patient falls in a bin; intervals are left-closed ``[a_k,
 """
 from __future__ import annotations
 
+import csv
 import difflib
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -41,6 +44,9 @@ __all__ = [
     "SlideMatch",
     "parse_labels_map",
     "read_label_table",
+    "check_header",
+    "missing_id",
+    "MISSING_ID_TOKENS",
     "load_labels",
     "check_label_columns",
     "slide_key",
@@ -73,6 +79,102 @@ _CLAM_COLUMNS = {"slide": "slide_id", "patient": "case_id", "time": "survival_mo
 
 class LabelError(ValueError):
     """A label CSV, split file or store does not fit the survival labels (message names it)."""
+
+
+#: Spellings of a missing value (compared stripped and lower-case) that are never taken as a
+#: patient or slide id: pandas' default NA strings (R's ``write.csv`` writes ``NA``, Excel
+#: ``#N/A``), plus ``-``, ``--``, ``.`` (SAS/Stata) and ``?``. Digit-only ids such as
+#: ``"0012"`` are unaffected.
+MISSING_ID_TOKENS = frozenset({
+    "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "nat", "none", "null",
+    "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan", "-", "--", ".", "?",
+})
+
+
+def missing_id(text: object) -> bool:
+    """Whether an id cell is empty or a missing-value marker rather than an id.
+
+    Args:
+        text: the cell as read (text; ``None`` and float NaN count as missing too).
+
+    Returns:
+        True for ``""``/whitespace and for :data:`MISSING_ID_TOKENS` in any case and with
+        surrounding whitespace (``"NA"``, ``" nan "``, ``"NULL"``, ``"#N/A"``, ``"-"``);
+        False for anything else, e.g. ``"0012"`` or ``"NA-0012"``.
+
+    Example:
+        >>> [missing_id(x) for x in ("NA", "N/A", " null ", "-", "", "0012", "NAB2", "na_01")]
+        [True, True, True, True, True, False, False, False]
+    """
+    if text is None:
+        return True
+    if isinstance(text, float) and text != text:  # NaN
+        return True
+    token = str(text).strip().lower()
+    return not token or token in MISSING_ID_TOKENS
+
+
+def check_header(path: str | Path) -> list[str]:
+    """The header row of a CSV, read with :mod:`csv` before pandas can rename anything.
+
+    pandas renames a repeated column (``patient_id`` -> ``patient_id.1``) and names an empty one
+    ``Unnamed: k``, so a duplicate would be read silently as an extra column. This reads the
+    first line itself (a UTF-8 byte-order mark is dropped) and refuses such headers.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        The column names, stripped of surrounding whitespace, in file order. The first name may
+        be ``""``: the row-name column that R's ``write.csv`` and pandas' ``to_csv`` write by
+        default (pandas reads it as ``Unnamed: 0``).
+
+    Raises:
+        LabelError: missing or unreadable (non-UTF-8) file, an empty file or first line, a
+            column name given twice (after stripping), or an empty name other than the first.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "l.csv")
+        >>> _ = open(p, "w").write("pathology_id, patient_id ,t,e\\ns1,p1,5,1\\n")
+        >>> check_header(p)
+        ['pathology_id', 'patient_id', 't', 'e']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: label file not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            row = next(csv.reader(f), None)
+    except UnicodeDecodeError as err:
+        raise LabelError(f"{path}: not a readable CSV (not UTF-8 text: {err})") from err
+    except csv.Error as err:
+        raise LabelError(f"{path}: not a readable CSV ({err})") from err
+    except OSError as err:
+        raise LabelError(f"{path}: cannot read the label file ({err})") from err
+    if row is None:
+        raise LabelError(f"{path}: empty file (no header row)")
+    names = [c.strip() for c in row]
+    if not any(names):
+        raise LabelError(
+            f"{path}: line 1 is empty; the first line must be the header "
+            f"(e.g. {','.join(REQUIRED_COLUMNS)})"
+        )
+    for k, name in enumerate(names):
+        if not name and k > 0:
+            raise LabelError(
+                f"{path}: column {k + 1} of the header has no name (a trailing comma?); "
+                "name it or remove the column"
+            )
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names):
+        if name in seen:
+            raise LabelError(
+                f"{path}: column {name!r} appears more than once in the header (columns "
+                f"{seen[name] + 1} and {k + 1}); rename or remove one of them"
+            )
+        seen[name] = k
+    return names
 
 
 @dataclass(frozen=True)
@@ -231,8 +333,11 @@ def _key_hint(key: str, col: object, keys: list[str]) -> str:
 def read_label_table(csv_path: str | Path, columns: LabelColumns | None = None) -> pd.DataFrame:
     """Read and validate a slide-level label CSV under the canonical column names.
 
-    Ids are read as written (``"0012"`` keeps its zero, ``"NA"`` is an id, not a missing value)
-    and stripped of surrounding whitespace. Blank lines are skipped.
+    Ids are read as written (``"0012"`` keeps its zero, ``"1e3"`` stays text) and stripped of
+    surrounding whitespace. A missing-value marker (``NA``, ``nan``, ``NULL``, ``#N/A``, ``-``, ...;
+    see :func:`missing_id`) is not an id: R's ``write.csv`` writes ``NA`` for a missing value, and
+    taking it as an id would pool unrelated slides into one patient. Blank lines are skipped.
+    The header is checked by :func:`check_header` (no repeated or empty column names).
 
     Args:
         csv_path: CSV with one row per slide.
@@ -248,7 +353,8 @@ def read_label_table(csv_path: str | Path, columns: LabelColumns | None = None) 
 
     Raises:
         LabelError: missing file or column (with the ``--labels-map`` that would fit a
-            CLAM/PORPOISE table), no rows, an empty id, a slide listed twice, a time that is
+            CLAM/PORPOISE table), a header :func:`check_header` refuses, no rows, an empty or
+            missing-value (``NA``) id, a slide listed twice, a time that is
             not a non-negative finite number, an indicator that is not 0/1 (each naming file,
             line, slide and value), or a CSV column that a mapped one would overwrite.
 
@@ -264,20 +370,22 @@ def read_label_table(csv_path: str | Path, columns: LabelColumns | None = None) 
     """
     cols = columns if columns is not None else LabelColumns()
     path = Path(csv_path)
-    if not path.is_file():
-        raise LabelError(f"{path}: label file not found")
+    names = check_header(path)  # before pandas renames a repeated column to "name.1"
     try:
-        # Everything as text first: ids must stay exactly as written (NLST ids are numbers,
-        # "NA" could be an id), and error messages quote the values as they are in the file.
+        # Everything as text first: ids must stay exactly as written (NLST ids are numbers),
+        # "NA" must be seen as written to be refused, and error messages quote the values as
+        # they are in the file.
         # Blank lines are kept here so that index + 2 is the file's line number (true unless a
         # quoted field spans lines, which label tables do not have).
         text = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise LabelError(f"{path}: not a readable CSV ({err})") from err
     header = [str(c).strip() for c in text.columns]
-    dup_cols = sorted({c for c in header if header.count(c) > 1})
-    if dup_cols:
-        raise LabelError(f"{path}: column {dup_cols[0]!r} appears more than once in the header")
+    if len(header) != len(names):  # the csv module and pandas read the header differently
+        raise LabelError(
+            f"{path}: not a readable CSV (its header has {len(names)} columns, but pandas reads "
+            f"{len(header)}: {', '.join(header[:12])})"
+        )
     text.columns = header
     check_label_columns(header, cols, path)
     n_lines = len(text)
@@ -295,6 +403,16 @@ def read_label_table(csv_path: str | Path, columns: LabelColumns | None = None) 
             raise LabelError(
                 f"{path}, line {empty[0]}: empty {role} id (column {getattr(cols, role)!r})"
                 f"{_more(len(empty))}"
+            )
+        na = ids.index[ids.map(missing_id)]
+        if len(na):
+            i = na[0]
+            what = (f"slide id {slide[i]!r}" if role == "slide"
+                    else f"slide {slide[i]!r} has patient id {patient[i]!r}")
+            raise LabelError(
+                f"{path}, line {i}: {what} (column {getattr(cols, role)!r}), a missing-value "
+                f"marker, not an id (R's write.csv writes NA for a missing value); "
+                f"fill in the {role} id or drop the row{_more(len(na))}"
             )
     dup = slide[slide.duplicated(keep=False)]
     if len(dup):

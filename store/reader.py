@@ -33,9 +33,9 @@ import zarr
 import zarr.codecs as zc
 
 from dsca.coords import patient_grid
-from dsca.store._layout import FORMAT, SLIDES, complete_slides
+from dsca.store._layout import BLOCK, DTYPES, FORMAT, SCALE, SLIDES, complete_slides
 
-__all__ = ["FeatureStore", "SlideData", "PatientData", "StoreError"]
+__all__ = ["FeatureStore", "SlideData", "PatientData", "StoreError", "root_attrs_problem", "slide_attrs_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,71 @@ CHECKED_DEFAULT = True
 
 class StoreError(Exception):
     """The store (or a slide in it) cannot be read; the message names it and why."""
+
+
+MODES = ("r", "r+")  # FeatureStore.open never creates or truncates a store
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    # JSON gives int or float; a bool is an int to Python but never a count
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def root_attrs_problem(attrs: dict[str, Any], has_slides: bool) -> str | None:
+    """Why a store's root attributes cannot be read, or None; `has_slides`: a complete slide exists.
+
+    Checked: `dtype` float16/float32, `feature_dim` a positive int (None only while no slide
+    is complete: convert records it before the first one), `scale` the layout's SCALE.
+    """
+    dtype = attrs.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        what = "missing" if "dtype" not in attrs else f"{dtype!r}"
+        return f"root attribute dtype is {what}, expected one of {', '.join(DTYPES)}"
+    dim = attrs.get("feature_dim")
+    if dim is None:
+        if has_slides:
+            what = "missing" if "feature_dim" not in attrs else "null"
+            return f"root attribute feature_dim is {what}, but the store holds complete slides"
+    elif not _is_int(dim, 1):
+        return f"root attribute feature_dim is {dim!r}, expected a positive integer"
+    scale = attrs.get("scale")
+    if not _is_int(scale, 0) or scale != SCALE:
+        what = "missing" if "scale" not in attrs else f"{scale!r}"
+        return f"root attribute scale is {what}, this reader knows only {SCALE} (4x4 x20 patches per x5 patch)"
+    return None
+
+
+def _count_problem(attrs: dict[str, Any], key: str, minimum: int, required: bool) -> str | None:
+    if key not in attrs:
+        return f"attribute {key} is missing" if required else None
+    value = attrs[key]
+    if not _is_int(value, minimum):
+        return f"attribute {key} is {value!r}, expected an integer >= {minimum}"
+    return None
+
+
+def slide_attrs_problem(attrs: dict[str, Any]) -> str | None:
+    """Why a complete slide's attributes cannot be used, or None.
+
+    Checked: `n_patches` a positive int; where present, `grid_collisions` a count, `step` two
+    positive ints, `patient_id` a string, `sources` role -> record with a byte count.
+    """
+    problem = _count_problem(attrs, "n_patches", 1, required=True) or _count_problem(
+        attrs, "grid_collisions", 0, required=False)
+    if problem:
+        return problem
+    if "step" in attrs:
+        step = attrs["step"]
+        if not (isinstance(step, list) and len(step) == 2 and all(_is_int(v, 1) for v in step)):
+            return f"attribute step is {step!r}, expected two positive integers"
+    pid = attrs.get("patient_id")
+    if pid is not None and not isinstance(pid, str):
+        return f"attribute patient_id is {pid!r}, expected a string"
+    sources = attrs.get("sources", {})
+    if not isinstance(sources, dict) or not all(
+            isinstance(rec, dict) and _is_int(rec.get("bytes"), 0) for rec in sources.values()):
+        return f"attribute sources is unreadable ({str(sources)[:80]!r}), expected role -> record with bytes"
+    return None
 
 
 @dataclass(frozen=True)
@@ -341,10 +406,15 @@ class FeatureStore:
             # group, so list the complete ones from their own zarr.json
             self._slide_attrs = complete_slides(path)
         self.slide_ids: list[str] = sorted(self._slide_attrs)
+        # checked once here, so that info, verify and every read can rely on them
+        problem = root_attrs_problem(self.attrs, bool(self.slide_ids))
+        if problem:
+            raise StoreError(f"{path}: {problem} (not written by dsca-store convert, or damaged)")
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", checked: bool = CHECKED_DEFAULT) -> FeatureStore:
-        """Open a store; `mode="r"` (default) or `"r+"`.
+        """Open an existing store; `mode="r"` (default) or `"r+"`, never one that creates or
+        truncates it (anything else is a ValueError, raised before the store is touched).
 
         Args:
             checked: verify each chunk's crc32c before decoding it, so that a flipped bit on
@@ -357,6 +427,9 @@ class FeatureStore:
                 damaged chunk payload reads as wrong numbers. Stores that fall back to zarr's
                 pipeline are always checked by zarr.
         """
+        if mode not in MODES:
+            raise ValueError(f"FeatureStore.open: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r} "
+                             "(a store is written by dsca-store convert only)")
         p = Path(path)
         if not (p / "zarr.json").is_file():
             raise StoreError(f"{p}: no zarr store here (missing zarr.json)")
@@ -371,7 +444,10 @@ class FeatureStore:
     # --- metadata ---------------------------------------------------------------------------
     @property
     def feature_dim(self) -> int:
-        return int(self.attrs["feature_dim"])
+        dim = self.attrs.get("feature_dim")
+        if dim is None:
+            raise StoreError(f"{self.path}: the store records no feature_dim yet (no slide converted)")
+        return int(dim)
 
     @property
     def dtype(self) -> np.dtype:
@@ -382,7 +458,10 @@ class FeatureStore:
         return self._slide_attrs[slide_id]
 
     def n_patches(self, slide_id: str) -> int:
-        return int(self.slide_attrs(slide_id)["n_patches"])
+        problem = _count_problem(self.slide_attrs(slide_id), "n_patches", 1, required=True)
+        if problem:
+            raise StoreError(f"{self.path}: slide {slide_id}: {problem} (damaged metadata; run dsca-store verify)")
+        return int(self._slide_attrs[slide_id]["n_patches"])
 
     def patient_slides(self) -> dict[str, list[str]]:
         """patient id -> its slides (sorted), for slides converted with labels."""
@@ -400,15 +479,22 @@ class FeatureStore:
     def _where(self, slide_id: str, name: str) -> str:
         return f"{self.path}: slide {slide_id}: {name}"
 
+    def _node(self, slide_id: str, name: str) -> zarr.Array:
+        """The zarr array (its metadata only: nothing read or checked on disk yet)."""
+        self._check(slide_id)
+        try:
+            arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
+        except KeyError:
+            raise StoreError(f"{self._where(slide_id, name)}: array missing") from None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{self._where(slide_id, name)}: not an array")
+        return arr
+
     def _array(self, slide_id: str, name: str) -> tuple[zarr.Array, _Layout | None]:
         key = (slide_id, name)
         if key not in self._arrays:
-            self._check(slide_id)
             where = self._where(slide_id, name)
-            try:
-                arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
-            except KeyError:
-                raise StoreError(f"{where}: array missing") from None
+            arr = self._node(slide_id, name)
             # written by a convert that stores every chunk, even all-zero ones: anything absent
             # on disk was lost, not elided
             all_chunks = self._slide_attrs[slide_id].get("all_chunks") is True
@@ -424,6 +510,26 @@ class FeatureStore:
                                      "deleted or never written")
             self._arrays[key] = (arr, layout)
         return self._arrays[key]
+
+    def _shape(self, slide_id: str, name: str) -> tuple[int, ...]:
+        cached = self._arrays.get((slide_id, name))
+        return tuple((cached[0] if cached else self._node(slide_id, name)).shape)
+
+    def _check_rows(self, slide_id: str, names: Sequence[str] = ("x5", "x20", "coords", "grid")) -> int:
+        """n_patches of the slide, after checking that the arrays read agree with it and the dim.
+
+        Each array's shape comes from its own metadata (the consolidated copy, usually); one that
+        disagrees would otherwise read as rows that do not belong together. Returns n_patches.
+        """
+        n, d = self.n_patches(slide_id), self.feature_dim
+        expected = {"x5": (n, d), "x20": (n, BLOCK, d), "coords": (n, 2), "grid": (n, 2)}
+        shapes = {name: self._shape(slide_id, name) for name in names}
+        bad = [name for name in names if shapes[name] != expected[name]]
+        if bad:
+            found = ", ".join(f"{name} {shapes[name]}" for name in names)
+            raise StoreError(f"{self.path}: slide {slide_id}: {', '.join(bad)}: shapes disagree with n_patches "
+                             f"{n} and feature_dim {d} (found {found}): damaged metadata, run dsca-store verify")
+        return n
 
     # --- array reads ------------------------------------------------------------------------
     def _read_into(self, slide_id: str, name: str, out: np.ndarray, rows: np.ndarray | None = None) -> None:
@@ -465,7 +571,7 @@ class FeatureStore:
 
     def read_slide(self, slide_id: str, dtype: Any = np.float32) -> SlideData:
         """All rows of one slide in source order; features cast to `dtype`."""
-        n, d = self.n_patches(slide_id), self.feature_dim
+        n, d = self._check_rows(slide_id), self.feature_dim
         x5 = np.empty((n, d), dtype=dtype)
         x20 = np.empty((n, 16, d), dtype=dtype)
         self._read_into(slide_id, "x5", x5)
@@ -477,7 +583,7 @@ class FeatureStore:
         """Slides concatenated in the given order, decoded straight into one output per array."""
         if not slide_ids:
             raise StoreError("read_patient needs at least one slide id")
-        lengths = [self.n_patches(s) for s in slide_ids]
+        lengths = [self._check_rows(s, ("x5", "x20", "coords")) for s in slide_ids]
         total, d = sum(lengths), self.feature_dim
         x5 = np.empty((total, d), dtype=dtype)
         x20 = np.empty((total, 16, d), dtype=dtype)
@@ -496,6 +602,10 @@ class FeatureStore:
         Looks the rows up in `grid_index` and decodes only the chunks holding them; the result
         keeps source order (`.rows` gives each patch's row in the slide).
         """
+        self._check_rows(slide_id)
+        shape = tuple(self._array(slide_id, "grid_index")[0].shape)
+        if len(shape) != 2:
+            raise StoreError(f"{self._where(slide_id, 'grid_index')}: has shape {shape}, expected [rows, cols]")
         index = self.read_array(slide_id, "grid_index")
         sel = index[rows, cols]
         picked = np.sort(sel[sel >= 0].astype(np.int64))

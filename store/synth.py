@@ -18,10 +18,20 @@ Layout written under `out_dir` (names as the reference's tutorial uses them)::
     splits/synth-seed<S>-fold<k>.npz                              train/val/test patients
     truth.csv, patterns.npz                                       hidden risk, planted vectors
     preview.png                                                   tissue maps of the first slides
+    synth_spec.json, .dsca-synth                                  the spec; the cohort's marker
+
+`out_dir` must be new, empty, or a cohort that synth wrote before (it has the ``.dsca-synth``
+marker, written first, or - cohorts of earlier versions - ``truth.csv``, ``patterns.npz`` and
+``synth_spec.json``): synth never writes over a folder of someone's own files. Rewriting a
+previous cohort first removes synth's own outputs listed above (so that a smaller rerun leaves
+no stale slides behind) and keeps everything else in the folder.
 """
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +45,8 @@ from dsca.store._layout import BLOCK
 from dsca.store.align import align_dir
 from dsca.store.clam import write_coords
 
-__all__ = ["SynthSpec", "SynthCohort", "write_synthetic_cohort", "TISSUES"]
+__all__ = ["SynthSpec", "SynthCohort", "write_synthetic_cohort", "check_spec", "is_synth_cohort", "TISSUES",
+           "MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,29 @@ _LEVEL = 2
 # Real SVS pyramids have slightly non-integer, per-axis downsamples.
 _DOWNSAMPLE = (16.001219, 16.000924)
 _PREVIEWS = 4  # slides drawn in preview.png
+
+#: File that marks a folder as a cohort written by synth (written before anything else).
+MARKER = ".dsca-synth"
+# What cohorts written before the marker existed always hold.
+_LEGACY_MARKERS = ("truth.csv", "patterns.npz", "synth_spec.json")
+# synth's own outputs, removed before a previous cohort is rewritten (folders, then files).
+_OWN_DIRS = (f"tiles-l2-s{_PATCH}", f"tiles-l1-s{_PATCH}", f"feats-l2-s{_PATCH}-synth", f"feats-l1-s{_PATCH}-synth")
+_OWN_FILES = ("synth_path_full.csv", "truth.csv", "patterns.npz", "preview.png", "synth_spec.json")
+# Files a desktop puts into any folder it shows; they do not make a folder "not empty".
+_NOISE = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+# Bounds of the spec: (field, CLI option or None, low, high). Far beyond any useful cohort, they
+# keep a typo (--patches 100000000) from filling memory and disk.
+_INT_BOUNDS = (
+    ("patients", "--patients", 1, 100_000),
+    ("patches", "--patches", 1, 20_000),
+    ("dim", "--dim", 8, 16_384),  # 7 orthonormal planted directions need dim >= 8
+    ("seed", "--seed", 0, 2**63 - 1),
+    ("motif_rows", None, 1, BLOCK),
+    ("folds", None, 1, 100),
+)
+# One slide's x20 block (patches x 16 rows x dim float64, generated at once) stays under ~0.5 GB.
+_MAX_PATCHES_X_DIM = 2**22
 
 
 @dataclass(frozen=True)
@@ -152,15 +186,21 @@ def _censor_to_rate(rng: np.random.Generator, t_event: np.ndarray, rate: float) 
 
 
 def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True) -> SynthCohort:
-    """Write a deterministic synthetic cohort in CLAM's layout; see the module docstring."""
-    if spec.patients < spec.folds:
-        raise ValueError(f"need at least {spec.folds} patients for {spec.folds} folds, got {spec.patients}")
-    if spec.dim < 8:
-        raise ValueError(f"dim must be >= 8 (7 planted directions), got {spec.dim}")
-    if not 1 <= spec.motif_rows <= BLOCK:
-        raise ValueError(f"motif_rows must be in 1..{BLOCK}, got {spec.motif_rows}")
-    rng = np.random.default_rng(spec.seed)
+    """Write a deterministic synthetic cohort in CLAM's layout; see the module docstring.
+
+    Args:
+        out_dir: a new or empty folder, or a cohort synth wrote before (rewritten).
+        spec: size and signal; checked by :func:`check_spec` before anything is written.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: a spec out of bounds (naming the option), or an `out_dir` that is a file or
+            a non-empty folder that is not a previous synthetic cohort.
+    """
+    check_spec(spec)
     root = Path(out_dir)
+    _prepare_out(root)
+    rng = np.random.default_rng(spec.seed)
     l2 = root / f"tiles-l2-s{_PATCH}"
     l1 = root / f"tiles-l1-s{_PATCH}"
     f2 = root / f"feats-l2-s{_PATCH}-synth"
@@ -259,6 +299,86 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     splits = _write_splits(root / "splits", [r["patient_id"] for r in truth_rows], event, spec)
     (root / "synth_spec.json").write_text(pd.Series(asdict(spec)).to_json(indent=1))
     return SynthCohort(root, l2, l1, f2, f1, labels_csv, splits, truth_csv, spec, slide_ids)
+
+
+def check_spec(spec: SynthSpec) -> None:
+    """Refuse a spec out of bounds before anything is written.
+
+    Bounds: ``patients`` 1..100000 (and at least ``folds``), ``patches`` 1..20000, ``dim``
+    8..16384, ``patches * dim`` <= 4194304 (one slide's x20 rows are made in memory at once),
+    ``seed`` >= 0, ``signal`` finite, ``censoring`` in [0, 1), ``multi_slide`` in [0, 1],
+    ``decoy_rate`` and ``noise`` finite and >= 0, ``motif_rows`` 1..16, ``folds`` 1..100.
+
+    Raises:
+        ValueError: naming the option (``--patches`` ...) or the field, its bounds and the value.
+    """
+    def name(attr: str, option: str | None) -> str:
+        return option if option is not None else f"SynthSpec.{attr}"
+
+    for attr, option, lo, hi in _INT_BOUNDS:
+        value = getattr(spec, attr)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+            raise ValueError(f"{name(attr, option)} must be an integer in {lo}..{hi}, got {value!r}")
+    reals = (
+        ("signal", "--signal", -math.inf, math.inf, "a finite number"),
+        ("censoring", "--censoring", 0.0, 1.0, "in [0, 1) (the target censored fraction)"),
+        ("multi_slide", None, 0.0, 1.0, "in [0, 1]"),
+        ("decoy_rate", None, 0.0, math.inf, "a finite number >= 0"),
+        ("noise", None, 0.0, math.inf, "a finite number >= 0"),
+    )
+    for attr, option, lo, hi, rule in reals:
+        value = getattr(spec, attr)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and lo <= value <= hi and not (attr == "censoring" and value >= 1.0)
+        if not ok:
+            raise ValueError(f"{name(attr, option)} must be {rule}, got {value!r}")
+    if spec.patients < spec.folds:
+        raise ValueError(f"need at least {spec.folds} patients for {spec.folds} folds, got {spec.patients}")
+    if spec.patches * spec.dim > _MAX_PATCHES_X_DIM:
+        gb = spec.patches * BLOCK * spec.dim * 8 / 1e9
+        raise ValueError(
+            f"--patches {spec.patches} x --dim {spec.dim} is too large: one slide's x20 features "
+            f"alone would take ~{gb:.1f} GB of memory; keep patches x dim <= {_MAX_PATCHES_X_DIM} "
+            "(e.g. --patches 4096 --dim 1024)"
+        )
+
+
+def is_synth_cohort(folder: str | Path) -> bool:
+    """Whether `folder` holds a cohort written by :func:`write_synthetic_cohort` (its marker, or
+    the files that cohorts of earlier versions always hold)."""
+    root = Path(folder)
+    return (root / MARKER).is_file() or all((root / f).is_file() for f in _LEGACY_MARKERS)
+
+
+def _prepare_out(root: Path) -> None:
+    """Make `root` ready for a cohort: refuse a file or someone's folder; clear synth's own
+    outputs of a previous cohort; write the marker first (so that an interrupted run is a
+    cohort too)."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder; give a new or empty folder for the cohort")
+    if root.is_dir():
+        entries = sorted(p.name for p in root.iterdir() if p.name not in _NOISE)
+        if entries and not is_synth_cohort(root):
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise ValueError(
+                f"{root} is not empty ({shown}) and is not a synthetic cohort written before (no "
+                f"{MARKER} marker); refusing to write over it: give a new or empty folder"
+            )
+        if entries:
+            log.info("%s: rewriting the synthetic cohort there", root)
+            for d in _OWN_DIRS:
+                if (root / d).is_dir() and not (root / d).is_symlink():
+                    shutil.rmtree(root / d)
+            for f in _OWN_FILES:
+                if (root / f).is_file():
+                    (root / f).unlink()
+            for f in [*root.glob(".x20-*.npy"), *root.glob("splits/synth-seed*-fold*.npz")]:
+                f.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(
+        "A synthetic cohort written by dsca-store synth (dsca.store.synth); synth may rewrite "
+        "this folder.\n"
+    )
 
 
 def _plot_previews(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:

@@ -1,12 +1,13 @@
 """`dsca-store info` and `dsca-store verify`: what a store holds, and whether every byte is sound."""
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from collections import Counter
+from typing import Any
 
 import numpy as np
 import zarr
@@ -14,7 +15,7 @@ import zarr
 from dsca.progress import Progress
 from dsca.store._layout import ARRAYS, BLOCK, SLIDES, complete_slides, slide_id_problem
 from dsca.store.provenance import source_changes
-from dsca.store.reader import FeatureStore, StoreError
+from dsca.store.reader import FeatureStore, StoreError, slide_attrs_problem
 
 __all__ = ["StoreInfo", "store_info", "verify_store", "VerifyReport"]
 
@@ -65,23 +66,39 @@ class StoreInfo:
 
 
 def store_info(path: str | Path) -> StoreInfo:
-    """What `dsca-store info` prints: counts, dims, bytes on disk and against the sources."""
-    fs = FeatureStore.open(path)
+    """What `dsca-store info` prints: counts, dims, bytes on disk and against the sources.
+
+    Anything unreadable (root or slide attributes, a folder) is a StoreError naming it.
+    """
+    fs = FeatureStore.open(path)  # checks the root attrs
     p = Path(path)
-    folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
+    try:
+        folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
+    except OSError as exc:
+        raise StoreError(f"{p}: cannot list {SLIDES}/ ({exc.strerror or exc})") from None
     patches = feature_bytes = source_bytes = 0
     codecs: Counter[str] = Counter()
     for sid in fs.slide_ids:
         attrs = fs.slide_attrs(sid)
+        problem = slide_attrs_problem(attrs)
+        if problem:
+            raise StoreError(f"{p}: slide {sid}: {problem} (run dsca-store verify)")
         patches += int(attrs["n_patches"])
         # each slide records the codec it was written with; stores of older converts only the root
         codecs[str(attrs.get("codec", fs.attrs.get("codec", "?")))] += 1
-        feature_bytes += _disk_bytes(p / SLIDES / sid / "x5" / "c") + _disk_bytes(p / SLIDES / sid / "x20" / "c")
+        try:
+            feature_bytes += _disk_bytes(p / SLIDES / sid / "x5" / "c") + _disk_bytes(p / SLIDES / sid / "x20" / "c")
+        except OSError as exc:
+            raise StoreError(f"{p}: slide {sid}: cannot size its arrays ({exc.strerror or exc})") from None
         source_bytes += sum(int(s["bytes"]) for s in attrs.get("sources", {}).values())
     dim = fs.attrs.get("feature_dim")
     raw = patches * (BLOCK + 1) * int(dim or 0) * np.dtype(fs.attrs["dtype"]).itemsize
+    try:
+        disk = _disk_bytes(p)
+    except OSError as exc:
+        raise StoreError(f"{p}: cannot size the store ({exc.strerror or exc})") from None
     return StoreInfo(p, len(fs.slide_ids), len(folders) - len(fs.slide_ids), len(fs.patient_slides()), patches,
-                     dim, str(fs.attrs["dtype"]), _codec_summary(codecs), _disk_bytes(p),
+                     dim, str(fs.attrs["dtype"]), _codec_summary(codecs), disk,
                      feature_bytes, raw, source_bytes)
 
 
@@ -147,10 +164,78 @@ def _check_slide(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim:
     return None
 
 
+_ABSENT = object()  # a key or file that is not there
+
+
+def _shown(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return _ABSENT
+    except (OSError, ValueError) as exc:
+        return f"(unreadable: {type(exc).__name__})"
+
+
+def _dict_diffs(prefix: str, mine: Any, theirs: Any, skip: tuple[str, ...] = (), label: str = "") -> list[str]:
+    """"<prefix><key> <consolidated> vs <own>" for every key whose values differ."""
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return [] if mine == theirs else [f"{label or prefix.strip()} {_shown(mine)} vs {_shown(theirs)}"]
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key, _ABSENT), theirs.get(key, _ABSENT)
+        if key not in skip and a != b:
+            out.append(f"{prefix}{key} {_shown(a)} vs {_shown(b)}")
+    return out
+
+
+def _consolidated(p: Path) -> dict[str, Any] | None:
+    """node path -> metadata document, as the root zarr.json consolidates it (None: no block)."""
+    doc = _read_json(p / "zarr.json")
+    block = doc.get("consolidated_metadata") if isinstance(doc, dict) else None
+    meta = block.get("metadata") if isinstance(block, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _consolidated_diffs(p: Path, consolidated: dict[str, Any], sid: str) -> list[str]:
+    """How the consolidated copy of a slide's metadata (what FeatureStore reads) differs from
+    the slide's own zarr.json files (what convert wrote): one phrase per difference, e.g.
+    "n_patches 14 vs 13" (consolidated vs own) or "x5 shape [14, 32] vs [13, 32]"."""
+    key = f"{SLIDES}/{sid}"
+    folder = p / SLIDES / sid
+    group, own = consolidated.get(key, _ABSENT), _read_json(folder / "zarr.json")
+    diffs = []
+    if isinstance(group, dict) and isinstance(own, dict):
+        diffs += _dict_diffs("", group.get("attributes", {}), own.get("attributes", {}), label="attributes")
+        diffs += _dict_diffs("group ", group, own, skip=("attributes", "consolidated_metadata"))
+    else:
+        diffs.append(f"group {_shown(group)} vs {_shown(own)}")
+    nodes = {k[len(key) + 1:] for k in consolidated if k.startswith(key + "/")}
+    nodes |= {name for name in ARRAYS if (folder / name / "zarr.json").exists()}
+    for name in sorted(nodes):
+        mine, theirs = consolidated.get(f"{key}/{name}", _ABSENT), _read_json(folder / name / "zarr.json")
+        if mine is _ABSENT or theirs is _ABSENT:
+            where = "the consolidated metadata only" if theirs is _ABSENT else "the slide's own metadata only"
+            diffs.append(f"{name} is in {where}")
+            continue
+        attrs = ({}, {})
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            attrs = (mine.get("attributes", {}), theirs.get("attributes", {}))
+        diffs += _dict_diffs(f"{name} ", mine, theirs, skip=("attributes",))
+        diffs += _dict_diffs(f"{name} attribute ", *attrs, label=f"{name} attributes")
+    return diffs
+
+
 def verify_store(path: str | Path, progress: bool = True, sources: bool = False) -> VerifyReport:
     """Check completeness, checksums (every chunk read), shapes and grid invariants.
 
-    Reads what is on disk, not the consolidated copy of the metadata, and compares the two.
+    Reads what is on disk, not the consolidated copy of the metadata, and compares the two:
+    every difference between a slide's consolidated metadata (what readers use) and its own
+    zarr.json files is a problem. Never raises: whatever cannot be read is a problem line.
     With `sources`, also checks that each slide's source files are still the ones it was
     converted from (size and mtime; content where those differ).
     """
@@ -177,19 +262,43 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False)
     if fs.slide_ids and dim is None:
         report.problems.append(("<store>", "the store records no feature_dim"))
         return report
-    root = zarr.open_group(p, mode="r", use_consolidated=False)
+    try:
+        # the arrays are read through the slides' own metadata; the consolidated copy is compared
+        root = zarr.open_group(p, mode="r", use_consolidated=False)
+        own = FeatureStore(root, p, checked=True)
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
+        report.problems.append(("<store>", f"{p}: cannot open store ({type(exc).__name__}: {exc})"))
+        return report
+    consolidated = _consolidated(p)
     with Progress(len(fs.slide_ids), "verify", "slide", enabled=progress) as bar:
         for sid in fs.slide_ids:
             report.slides += 1
-            attrs = on_disk.get(sid, {})
-            reason = _check_slide(root, fs, sid, attrs, int(dim), dtype)
-            if reason is None and sources:
-                recorded = attrs.get("sources", {})
-                changes = source_changes(recorded, {role: rec.get("path") for role, rec in recorded.items()})
-                if not recorded or any("path" not in rec for rec in recorded.values()):
-                    changes.append("no source paths recorded (converted by an older dsca-store)")
-                reason = ("sources changed: " + "; ".join(changes)) if changes else None
-            if reason:
-                report.problems.append((sid, reason))
+            report.problems += [(sid, reason) for reason in _slide_problems(p, root, own, consolidated, sid,
+                                                                            on_disk.get(sid, {}), int(dim), dtype,
+                                                                            sources)]
             bar.update()
     return report
+
+
+def _slide_problems(p: Path, root: zarr.Group, own: FeatureStore, consolidated: dict[str, Any] | None, sid: str,
+                    attrs: dict, dim: int, dtype: np.dtype, sources: bool) -> list[str]:
+    if not attrs:
+        return ["listed in the consolidated metadata but not complete on disk (rerun convert)"]
+    problems = []
+    if consolidated is not None:
+        problems += [f"consolidated metadata differs from the slide's own: {diff}; rerun convert to rebuild it"
+                     for diff in _consolidated_diffs(p, consolidated, sid)]
+    bad_attrs = slide_attrs_problem(attrs)
+    if bad_attrs:
+        return [*problems, f"{bad_attrs} (in slides/{sid}/zarr.json; convert it again with --overwrite)"]
+    try:
+        reason = _check_slide(root, own, sid, attrs, dim, dtype)
+        if reason is None and sources:
+            recorded = attrs.get("sources", {})
+            changes = source_changes(recorded, {role: rec.get("path") for role, rec in recorded.items()})
+            if not recorded or any("path" not in rec for rec in recorded.values()):
+                changes.append("no source paths recorded (converted by an older dsca-store)")
+            reason = ("sources changed: " + "; ".join(changes)) if changes else None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged slide raises is its problem, not a crash
+        reason = f"cannot be checked ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return [*problems, reason] if reason else problems

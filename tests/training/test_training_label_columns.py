@@ -15,8 +15,10 @@ from dsca.labels import (
     LabelColumns,
     LabelError,
     SlideMatch,
+    check_header,
     load_labels,
     match_slide_ids,
+    missing_id,
     parse_labels_map,
     patient_slides,
     read_label_table,
@@ -224,16 +226,111 @@ def test_duplicate_slide_names_its_lines(tmp_path):
 
 
 def test_ids_are_strings_as_written(tmp_path):
-    # NLST-like numeric ids: leading zeros, "NA" and surrounding spaces must not be reinterpreted
+    # NLST-like numeric ids: leading zeros, exponents and surrounding spaces must not be
+    # reinterpreted; ids that merely start like a missing-value marker are ids
     path = _write(tmp_path, "pathology_id,patient_id,e,t\n"
-                            "0012,100012,1,10\n 11445 ,100012,1,10\nNA,007,0,20\n\n1e3,0,1,30\n")
+                            "0012,100012,1,10\n 11445 ,100012,1,10\nNA-7,007,0,20\n\n1e3,0,1,30\n"
+                            "nan2,NAB2,1,40\n")
     table = read_label_table(path)
-    assert table["pathology_id"].tolist() == ["0012", "11445", "NA", "1e3"]
-    assert table["patient_id"].tolist() == ["100012", "100012", "007", "0"]
-    assert table.index.tolist() == [2, 3, 4, 6]  # the blank line is skipped, line numbers kept
+    assert table["pathology_id"].tolist() == ["0012", "11445", "NA-7", "1e3", "nan2"]
+    assert table["patient_id"].tolist() == ["100012", "100012", "007", "0", "NAB2"]
+    assert table.index.tolist() == [2, 3, 4, 6, 7]  # the blank line is skipped, line numbers kept
     df = load_labels(path, bins=1)
-    assert list(df.index) == ["100012", "007", "0"]
-    assert df.loc["100012", "slide_ids"] == ["0012", "11445"] and df.loc["007", "slide_ids"] == ["NA"]
+    assert list(df.index) == ["100012", "007", "0", "NAB2"]
+    assert df.loc["100012", "slide_ids"] == ["0012", "11445"] and df.loc["007", "slide_ids"] == ["NA-7"]
+
+
+@pytest.mark.parametrize("token", ["NA", "NaN", "nan", "None", "null", "NULL", "N/A", "#N/A", "-", " NA "])
+def test_missing_value_patient_id_is_refused(tmp_path, token):
+    # R's write.csv writes NA for a missing patient id: taken as an id, it would pool the
+    # unrelated slides S2 and S3 into one patient "NA"
+    path = _write(tmp_path, _GOOD + f"S2,{token},30,1\nS3,{token},40,0\n")
+    with pytest.raises(LabelError) as err:
+        read_label_table(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line 4: slide 'S2' has patient id {token.strip()!r} (column 'patient_id')")
+    assert "missing-value marker" in msg and "(1 more row(s) like it)" in msg
+    with pytest.raises(LabelError, match="line 4: slide 'S2' has patient id"):
+        load_labels(path, bins=1)
+
+
+@pytest.mark.parametrize("token", ["NA", "nan", "#N/A", "NULL", "-"])
+def test_missing_value_slide_id_is_refused(tmp_path, token):
+    path = _write(tmp_path, _GOOD + f"{token},P2,30,1\n")
+    with pytest.raises(LabelError, match=f"line 4: slide id '{token}' \\(column 'pathology_id'\\), a missing-value"):
+        read_label_table(path)
+
+
+def test_missing_value_id_in_a_mapped_column_names_that_column(tmp_path):
+    path = _write(tmp_path, "slide_id,case_id,survival_months,censorship\na.svs,TCGA-1,5,0\nb.svs,NA,6,1\n")
+    with pytest.raises(LabelError, match="line 3: slide 'b.svs' has patient id 'NA' \\(column 'case_id'\\)"):
+        read_label_table(path, parse_labels_map(PORPOISE_MAP))
+
+
+def test_missing_id_helper():
+    for token in ("NA", "NaN", "nan", "None", "null", "NULL", "N/A", "n/a", "#N/A", "-", "", "  ", " NA ", "<NA>"):
+        assert missing_id(token), token
+    assert missing_id(None) and missing_id(float("nan"))
+    for ident in ("0012", "0", "NA-7", "NAB2", "nan2", "N", "A", "TCGA-A1-A0SB", "11445", "-1", "1e3"):
+        assert not missing_id(ident), ident
+
+
+def test_header_only_csv_has_no_rows(tmp_path):
+    for name, text in (("header.csv", "pathology_id,patient_id,t,e\n"),
+                       ("blank.csv", "pathology_id,patient_id,t,e\n\n  \n"),
+                       ("noeol.csv", "pathology_id,patient_id,t,e")):
+        path = _write(tmp_path, text, name)
+        with pytest.raises(LabelError, match=f"^{path}: no rows$"):
+            read_label_table(path)
+
+
+def test_empty_file_and_empty_first_line_are_refused(tmp_path):
+    path = _write(tmp_path, "", "empty.csv")
+    with pytest.raises(LabelError, match="empty file \\(no header row\\)"):
+        read_label_table(path)
+    path = _write(tmp_path, "\npathology_id,patient_id,t,e\nS0,P0,1,1\n", "lead.csv")
+    with pytest.raises(LabelError, match="line 1 is empty; the first line must be the header"):
+        read_label_table(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "column", "where"),
+    [("pathology_id,patient_id,patient_id,t,e", "patient_id", "columns 2 and 3"),
+     ("pathology_id,patient_id,t,e, patient_id ", "patient_id", "columns 2 and 5"),
+     ("pathology_id,patient_id,t,e,age,age", "age", "columns 5 and 6")],
+)
+def test_duplicate_header_columns_are_refused(tmp_path, header, column, where):
+    # pandas would rename the second one to "patient_id.1" and read it silently as an extra
+    n = header.count(",") + 1
+    path = _write(tmp_path, header + "\n" + ",".join(["S0", "P0", "1", "1"] + ["x"] * (n - 4)) + "\n")
+    msg = f"column '{column}' appears more than once in the header \\({where}\\)"
+    with pytest.raises(LabelError, match=msg):
+        read_label_table(path)
+    with pytest.raises(LabelError, match=msg):
+        check_header(path)
+
+
+def test_check_header(tmp_path):
+    # a UTF-8 byte-order mark (Excel's "CSV UTF-8") is not part of the first name
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfpathology_id, patient_id ,t,e\r\nS0,P0,1,1\r\n")
+    assert check_header(path) == ["pathology_id", "patient_id", "t", "e"]
+    assert read_label_table(path)["patient_id"].tolist() == ["P0"]
+    # the unnamed row-name column of R's write.csv / pandas' to_csv is allowed (first only)
+    path = _write(tmp_path, '"","pathology_id","patient_id","t","e"\n"1","S0","P0",1,1\n', "rnames.csv")
+    assert check_header(path) == ["", "pathology_id", "patient_id", "t", "e"]
+    assert read_label_table(path)["pathology_id"].tolist() == ["S0"]
+    path = _write(tmp_path, "pathology_id,patient_id,t,e,\nS0,P0,1,1,\n", "trailing.csv")
+    with pytest.raises(LabelError, match="column 5 of the header has no name"):
+        check_header(path)
+    with pytest.raises(LabelError, match="column 5 of the header has no name"):
+        read_label_table(path)
+    with pytest.raises(LabelError, match="label file not found"):
+        check_header(tmp_path / "nope.csv")
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("pathology_id,patient_id,t,e,\xe9tat\n".encode("latin-1"))
+    with pytest.raises(LabelError, match="not UTF-8"):
+        check_header(path)
 
 
 # --- slide ids vs feature file stems ----------------------------------------------------------
