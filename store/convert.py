@@ -47,7 +47,7 @@ import zarr
 
 import dsca
 from dsca.atomic import atomic_write
-from dsca.labels import LabelError, check_label_columns, match_slide_ids, parse_labels_map
+from dsca.labels import LabelError, check_header, check_label_columns, match_slide_ids, missing_id, parse_labels_map
 from dsca.progress import Progress
 from dsca.store._layout import (
     BLOCK,
@@ -201,8 +201,9 @@ def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map
     path = Path(labels)
     try:
         columns = parse_labels_map(labels_map)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        check_label_columns(list(df.columns), columns, path)
+        header = check_header(path)  # duplicate names, which pandas would silently rename
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        check_label_columns(header, columns, path)
     except LabelError as exc:
         raise ConvertError(str(exc)) from None
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -211,10 +212,10 @@ def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map
     out = _LabelSlides()
     for row, (sid, pid) in enumerate(zip(df[columns.slide], df[columns.patient]), start=2):
         sid, pid = str(sid).strip(), str(pid).strip()
-        if not sid:
+        if missing_id(sid):
             continue
-        if not pid:
-            out.problems[sid] = f"no patient_id in {path.name} (line {row})"
+        if missing_id(pid):  # blank, or R's NA: read as an id it would pool unrelated slides
+            out.problems[sid] = f"no patient_id in {path.name} (line {row}: {pid!r})"
         elif sid in by_label and by_label[sid] != pid:
             out.problems[sid] = f"duplicate slide id in {path.name} (line {row}): patients {by_label[sid]} and {pid}"
         by_label.setdefault(sid, pid)

@@ -102,3 +102,18 @@ def test_labelled_slides_without_features_are_missing(synth_cohort, tmp_path, ca
     # a resume still reports them: the CSV, not this run's work, defines what is missing
     assert main(args) == 1
     assert f"skipped {len(synth_cohort.slide_ids)} (already complete)" in capsys.readouterr().out
+
+
+def test_na_patient_ids_and_duplicate_columns(synth_cohort, tmp_path):
+    df = pd.read_csv(synth_cohort.labels_csv, dtype=str)
+    na = df.pathology_id.iloc[:3].tolist()
+    df.loc[df.pathology_id.isin(na), "patient_id"] = "NA"  # R's write.csv for a missing value
+    path = tmp_path / "labels.csv"
+    df.to_csv(path, index=False)
+    table = read_label_slides(path, set(df.pathology_id))
+    assert sorted(table.problems) == sorted(na) and "NA" not in table.patients.values()
+    assert all("no patient_id in labels.csv" in reason for reason in table.problems.values())
+    # a second patient_id column would be renamed by pandas and silently ignored
+    path.write_text("pathology_id,patient_id,t,e,patient_id\nA,P1,5,1,P2\n")
+    with pytest.raises(ConvertError, match="patient_id' appears more than once"):
+        read_label_slides(path, {"A"})
