@@ -16,10 +16,11 @@ Every file is read once (the shared reader in `dsca.store._io`), which gives its
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,37 +409,41 @@ def _h5(path: Path, data: bytes) -> h5py.File:
         raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
 
 
-def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any], SourceRecord]:
-    data, source = read_bytes(path, trident_label)
+def _dataset(f: h5py.File, name: str, path: Path, required: bool = True) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """(values, attrs) of dataset `name`, checked to hold what it declares; None if optional and absent."""
+    dset = f.get(name)
+    if not isinstance(dset, h5py.Dataset):
+        if required:
+            raise ClamError(f"{trident_label(path)}: no '{name}' dataset")
+        return None
+    check_h5_stored(dset, f"{trident_label(path)} {name}")
+    return np.asarray(dset[()]), _attrs(dset)
+
+
+@contextlib.contextmanager
+def _h5_errors(path: Path) -> Iterator[None]:
+    """h5py's many exception types for a damaged file -> one ClamError naming it."""
     try:
-        with _h5(path, data) as f:
-            if not isinstance(f.get("coords"), h5py.Dataset):
-                raise ClamError(f"{trident_label(path)}: no 'coords' dataset")
-            check_h5_stored(f["coords"], f"{trident_label(path)} coords")
-            return np.asarray(f["coords"][()]), _attrs(f["coords"]), source
+        yield
     except ClamError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
+
+
+def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any], SourceRecord]:
+    data, source = read_bytes(path, trident_label)
+    with _h5_errors(path), _h5(path, data) as f:
+        coords, attrs = _dataset(f, "coords", path)
+    return coords, attrs, source
 
 
 def _read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], str | None, SourceRecord]:
     data, source = read_bytes(path, trident_label)
-    try:
-        with _h5(path, data) as f:
-            if not isinstance(f.get("features"), h5py.Dataset):
-                raise ClamError(f"{trident_label(path)}: no 'features' dataset")
-            check_h5_stored(f["features"], f"{trident_label(path)} features")
-            features = np.asarray(f["features"][()])
-            encoder = _encoder_attr(f["features"])
-            coords, attrs = None, {}
-            if isinstance(f.get("coords"), h5py.Dataset):
-                check_h5_stored(f["coords"], f"{trident_label(path)} coords")
-                coords, attrs = np.asarray(f["coords"][()]), _attrs(f["coords"])
-    except ClamError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ClamError(f"{trident_label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
+    with _h5_errors(path), _h5(path, data) as f:
+        features, _ = _dataset(f, "features", path)
+        encoder = _encoder_attr(f["features"])
+        coords, attrs = _dataset(f, "coords", path, required=False) or (None, {})
     return features, coords, attrs, encoder, source
 
 
