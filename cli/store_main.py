@@ -23,8 +23,9 @@ def _level_attrs(text: str | None, option: str) -> dict | None:
 
     try:
         return parse_level_attrs(text)
-    except ClamError as exc:
-        raise SystemExit(f"dsca-store: error: {option}: {exc}") from None
+    except ClamError as exc:  # a usage error: exit 2, as argparse's own
+        print(f"dsca-store: error: {option}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _align(args: argparse.Namespace) -> int:

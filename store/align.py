@@ -64,7 +64,10 @@ def aligned_attrs(low: CoordsFile, level: int) -> dict:
     attrs["downsample"] = level_downsample(low, level)
     for key in ("downsampled_level_dim", "level_dim"):
         if key in attrs:
-            attrs[key] = np.asarray(attrs[key], dtype=np.int64) * factor
+            try:
+                attrs[key] = np.asarray(attrs[key], dtype=np.int64) * factor
+            except (ValueError, TypeError):  # not ours to repair: the aligned file leaves it out
+                del attrs[key]
     return attrs
 
 

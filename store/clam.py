@@ -106,10 +106,10 @@ def parse_level_attrs(text: str | None) -> dict[str, Any]:
             out[key] = [float(v) for v in value.split("x")] if key == "downsample" else int(value)
         except ValueError:
             raise ClamError(f"level attrs {text!r}: {key} must be a number, got {value!r}") from None
-    # checked as a file's own attributes would be, once here rather than once per slide
-    _level_attrs({}, {"patch_size": 256, "patch_level": 0, "downsample": 1.0, **out}, f"level attrs {text!r}")
     if "downsample" in out and len(out["downsample"]) > 2:
         raise ClamError(f"level attrs {text!r}: downsample is one number or two joined by 'x'")
+    # checked as a file's own attributes would be, once here rather than once per slide
+    _level_attrs({}, {"patch_size": 256, "patch_level": 0, "downsample": 1.0, **out}, f"level attrs {text!r}")
     return out
 
 
@@ -156,7 +156,10 @@ def _level_attrs(attrs: Mapping[str, Any], given: Mapping[str, Any], what: str) 
         raise ClamError(f"{what}: downsample {ds.tolist()} is not a finite factor in 1..1e5")
     dim = None
     if "level_dim" in attrs:
-        raw = np.asarray(attrs["level_dim"], dtype=np.float64).reshape(-1)
+        try:
+            raw = np.asarray(attrs["level_dim"], dtype=np.float64).reshape(-1)
+        except (ValueError, TypeError):
+            raw = np.array([np.nan])
         if raw.size != 2 or not np.all(np.isfinite(raw)) or np.any(raw < 1):
             raise ClamError(f"{what}: level_dim {attrs['level_dim']!r} is not a (width, height) in pixels")
         dim = (int(raw[0]), int(raw[1]))
@@ -282,12 +285,13 @@ def index_dir(folder: Path, suffix: str) -> dict[str, list[Path]]:
     """slide id (file stem) -> its files in `folder` with `suffix` (any case).
 
     Every entry counts, also broken links and non-files, so that the reader can say why it
-    cannot use them; more than one file per id (`A.pt`, `A.PT`) is a duplicate. Temp files of
-    interrupted writers (hidden names) are not slides.
+    cannot use them; more than one file per id (`A.pt`, `A.PT`) is a duplicate. macOS's
+    AppleDouble shadows (`._A.pt`) are not slides.
     """
     files: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() == suffix and not p.name.endswith(".tmp"):
+        # `._X.pt`: the AppleDouble shadow that macOS copies next to every file on foreign disks
+        if p.suffix.lower() == suffix and not p.name.startswith("._"):
             files.setdefault(p.stem, []).append(p)
     return files
 

@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 import unicodedata
+import uuid
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator
@@ -77,7 +78,7 @@ from dsca.store.clam import (
     read_coords,
     read_feature_files,
 )
-from dsca.store.provenance import source_changes
+from dsca.store.provenance import refreshed_sources, source_changes
 from dsca.store.trident import (
     LOCK_REASON,
     TridentDir,
@@ -163,6 +164,9 @@ class _SlideTask:
 
     def source_files(self) -> dict[str, str | None]:
         """role -> the file this slide is read from (the keys of its `sources` attribute)."""
+        if self.trident:  # one features file per level, its coords beside it
+            return {"x5_coords": self.x5_coords, "x20_coords": self.x20_coords,
+                    "x5_features": self.x5_pt or self.x5_h5, "x20_features": self.x20_pt or self.x20_h5}
         both5, both20 = self.x5_pt is not None and self.x5_h5 is not None, self.x20_pt is not None and self.x20_h5 is not None
         return {
             "x5_coords": self.x5_coords,
@@ -209,6 +213,7 @@ def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ConvertError(f"{path}: cannot read labels CSV ({exc})") from None
     by_label: dict[str, str] = {}
+    first_row: dict[str, int] = {}
     out = _LabelSlides()
     for row, (sid, pid) in enumerate(zip(df[columns.slide], df[columns.patient]), start=2):
         sid, pid = str(sid).strip(), str(pid).strip()
@@ -216,9 +221,11 @@ def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map
             continue
         if missing_id(pid):  # blank, or R's NA: read as an id it would pool unrelated slides
             out.problems[sid] = f"no patient_id in {path.name} (line {row}: {pid!r})"
-        elif sid in by_label and by_label[sid] != pid:
-            out.problems[sid] = f"duplicate slide id in {path.name} (line {row}): patients {by_label[sid]} and {pid}"
+        elif sid in by_label:  # training refuses a repeated slide too, whatever its patient
+            out.problems[sid] = (f"duplicate slide id in {path.name} (lines {first_row[sid]} and {row}): "
+                                 f"patients {by_label[sid]} and {pid}")
         by_label.setdefault(sid, pid)
+        first_row.setdefault(sid, row)
     match = match_slide_ids(by_label, slide_ids)
     for label_id, sid in match.matched.items():
         if label_id in out.problems:  # reported under the feature file's id, which is what is skipped
@@ -543,15 +550,33 @@ def _convert_slide(task: _SlideTask) -> _Outcome:
         return _Outcome(task.slide_id, f"cannot read its files ({type(exc).__name__}: {exc}; -v for the traceback)",
                         traceback=traceback.format_exc())
     folder = slide_folder(task.out, task.slide_id)
+    new = _temp_sibling(folder)
     try:
         with _ctrl_c_deferred():
-            if folder.exists():  # incomplete leftovers of a killed run, --overwrite, changed sources
-                shutil.rmtree(folder)
-            _write_group(folder, arrays, attrs)
+            # written beside the slide and swapped in when complete: a failed write (full
+            # disk, a killed worker) leaves the complete slide it was to replace
+            _write_group(new, arrays, attrs)
+            _swap_in(new, folder)
     except Exception as exc:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise _WriteFailed(f"{task.slide_id}: writing to {task.out} failed ({type(exc).__name__}: {exc})") from exc
     return _Outcome(task.slide_id, None, nbytes, notes=tuple(notes))
+
+
+def _temp_sibling(folder: Path) -> Path:
+    """A hidden, unique folder beside `folder` (never a slide id: those cannot start with '.')."""
+    return folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Replace `folder` (if any) by `new`: two renames, then the old copy is deleted."""
+    if folder.is_dir() and not folder.is_symlink():
+        old = _temp_sibling(folder)
+        folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(folder)
 
 
 # Ctrl-C, and SIGTERM as SLURM and `timeout` send it (the CLI turns SIGTERM into a KeyboardInterrupt)
@@ -676,11 +701,16 @@ def _drop_consolidated(out: Path) -> None:
 
 
 def _remove_temp_files(out: Path) -> None:
-    """Temp files of metadata writes that a kill interrupted (zarr's `*.partial`, ours `.*.tmp`)."""
+    """What interrupted writes left: temp files of metadata writes (zarr's `*.partial`, ours
+    `.*.tmp`) and half-written slide folders (`slides/.<id>.<hex>.tmp/`)."""
     for folder in (out, out / SLIDES):
         for stale in folder.iterdir() if folder.is_dir() else ():
-            if TEMP_FILE.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():
+            if not TEMP_FILE.fullmatch(stale.name) or stale.is_symlink():
+                continue
+            if stale.is_file():
                 stale.unlink()
+            elif stale.is_dir() and folder.name == SLIDES:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _update_root(out: Path, updates: dict[str, Any]) -> None:
@@ -741,6 +771,11 @@ class _Inputs:
         locked = {sid: f"{level}: {trident_label(locks[0].with_suffix(''))}: {LOCK_REASON}"
                   for level, tdir in (("x20", c20), ("x20", t20), ("x5", c5), ("x5", t5))
                   for sid, locks in tdir.locked.items()}
+        for level, tdir in (("x20", t20), ("x5", t5)):  # S.h5 and S.pt: two runs, neither is the one
+            for sid, files in tdir.features.items():
+                if len(files) > 1:
+                    locked.setdefault(sid, f"{level}: {len(files)} features files for one slide "
+                                           f"({', '.join(trident_label(p) for p in files)}): remove all but one")
         return cls(c5.coords, c20.coords, split(t5.features, ".pt"), split(t5.features, ".h5"),
                    split(t20.features, ".pt"), split(t20.features, ".h5"), c5.root / "patches",
                    c20.root / "patches", (t5.features_dir or t5.root, t20.features_dir or t20.root),
@@ -868,7 +903,7 @@ def convert_cohort(
     finally:
         os.close(lock)
     for sid in report.reconverted:
-        if sid in failures:
+        if sid in failures and complete_attrs(slide_folder(out, sid)) is not None:
             failures[sid] += "; the store keeps the slide as converted from its earlier sources"
     report.failures = sorted(failures.items())
     report.converted.sort()
@@ -883,7 +918,7 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
     labels, complete slides take their patient ids from them."""
     labelled = patients is not None
     patients = patients or {}
-    relabel: dict[str, str | None] = {}
+    updates: dict[str, dict[str, Any]] = {}  # complete slide -> new attrs (patient id, moved sources)
     _remove_temp_files(out)
     complete = complete_slides(out)
     if dim is None:
@@ -895,6 +930,10 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
         if inputs.c20_dir is not None and sid not in inputs.c20:
             failures[sid] = f"missing x20 coords file (no {inputs.coords_name(sid)} in {inputs.c20_dir})"
             continue
+        folder = slide_folder(out, sid)
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            failures[sid] = f"{SLIDES}/{sid} in the store is not a slide folder (a link or a file): remove it"
+            continue
         task = inputs.task(sid, out, options, dim, patients.get(sid))
         if sid in complete and not options.overwrite:
             changes = source_changes(complete[sid].get("sources", {}), task.source_files())
@@ -902,8 +941,14 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
                 changes.append("the level attributes given on the command line changed")
             if not changes:
                 report.skipped.append(sid)
+                update: dict[str, Any] = {}
                 if labelled and complete[sid].get("patient_id") != task.patient_id:
-                    relabel[sid] = task.patient_id
+                    update["patient_id"] = task.patient_id
+                moved = refreshed_sources(complete[sid].get("sources", {}), task.source_files())
+                if moved is not None:
+                    update["sources"] = moved
+                if update:
+                    updates[sid] = update
                 continue
             log.warning("%s: sources changed since it was converted (%s); converting it again",
                         sid, "; ".join(changes))
@@ -911,7 +956,7 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
         tasks.append(task)
     if report.skipped:
         log.info("resuming: %d slides already complete, %d to convert", len(report.skipped), len(tasks))
-    _relabel(out, relabel)
+    _update_slides(out, updates)
     gone = sorted(set(complete) - set(slide_ids) - set(failures))
     if gone:
         more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
@@ -920,18 +965,23 @@ def _plan(report: ConvertReport, out: Path, inputs: _Inputs, options: _Options, 
     return tasks
 
 
-def _relabel(out: Path, patients: dict[str, str | None]) -> None:
-    """Set the patient id of complete slides whose labels changed since they were converted.
+def _update_slides(out: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """New attributes of complete slides: patient ids from changed labels, the new paths of
+    moved (unchanged) sources.
 
     One atomic metadata write per slide; the data is untouched (readers group slides into
-    patients by this attribute, so a stale one would train slides as the wrong patient).
+    patients by `patient_id`, so a stale one would train slides as the wrong patient).
     """
-    for sid, pid in sorted(patients.items()):
+    relabelled = 0
+    for sid, update in sorted(updates.items()):
         group = zarr.open_group(str(slide_folder(out, sid)), mode="r+", use_consolidated=False)
-        log.info("%s: patient id %r -> %r (from the labels CSV)", sid, group.attrs.get("patient_id"), pid)
-        group.attrs["patient_id"] = pid
-    if patients:
-        log.warning("%d complete slides got their patient id from this run's labels CSV", len(patients))
+        if "patient_id" in update:
+            relabelled += 1
+            log.info("%s: patient id %r -> %r (from the labels CSV)", sid, group.attrs.get("patient_id"),
+                     update["patient_id"])
+        group.update_attributes(update)
+    if relabelled:
+        log.warning("%d complete slides got their patient id from this run's labels CSV", relabelled)
 
 
 def _cohort_dim(inputs: _Inputs, slide_ids: list[str]) -> int | None:
@@ -1124,8 +1174,6 @@ def _run(tasks: list[_SlideTask], jobs: int) -> Iterator[_Outcome]:
                     conn.send(inflight[conn])
             if pending:
                 yield _convert_slide(pending.popleft())
-            elif inflight and not conns:
-                break
     finally:
         # normally no worker holds a slide here; on an error or Ctrl-C the ones still writing
         # are killed and what they left half-written is removed

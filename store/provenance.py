@@ -18,7 +18,7 @@ from typing import Any
 
 import google_crc32c
 
-__all__ = ["SourceRecord", "read_source", "file_crc32c", "source_changes"]
+__all__ = ["SourceRecord", "read_source", "file_crc32c", "refreshed_sources", "source_changes"]
 
 _BLOCK = 8 << 20
 
@@ -95,3 +95,23 @@ def source_changes(recorded: Mapping[str, Mapping[str, Any]], current: Mapping[s
         if not same_file and "crc32c" in rec and file_crc32c(now) != rec["crc32c"]:
             changes.append(f"{role} {shown} changed since it was converted (different content)")
     return changes
+
+
+def refreshed_sources(recorded: Mapping[str, Mapping[str, Any]],
+                      current: Mapping[str, str | Path | None]) -> dict[str, dict[str, Any]] | None:
+    """`recorded` with the current path and mtime of files whose content was found unchanged.
+
+    Call after :func:`source_changes` found nothing: a moved or touched cohort is then read
+    in full once, and its new paths and mtimes recorded, instead of on every run. None when
+    every record already matches.
+    """
+    out = {role: dict(rec) for role, rec in recorded.items()}
+    for role, now in current.items():
+        if now is None or role not in out or "path" not in out[role]:
+            continue
+        now = Path(now)
+        st = now.stat()
+        path = str(now.absolute())
+        if out[role]["path"] != path or out[role].get("mtime_ns") != st.st_mtime_ns:
+            out[role].update(path=path, file=now.name, mtime_ns=st.st_mtime_ns)
+    return out if out != recorded else None

@@ -117,3 +117,11 @@ def test_na_patient_ids_and_duplicate_columns(synth_cohort, tmp_path):
     path.write_text("pathology_id,patient_id,t,e,patient_id\nA,P1,5,1,P2\n")
     with pytest.raises(ConvertError, match="patient_id' appears more than once"):
         read_label_slides(path, {"A"})
+
+
+def test_a_slide_listed_twice_is_refused_even_for_the_same_patient(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("pathology_id,patient_id,t,e\nA,P1,5,1\nB,P2,7,0\nA,P1,559,0\n")
+    table = read_label_slides(path, {"A", "B"})
+    assert table.problems == {"A": "duplicate slide id in labels.csv (lines 2 and 4): patients P1 and P1"}
+    assert table.patients == {"B": "P2"}

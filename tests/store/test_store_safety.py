@@ -106,6 +106,9 @@ def test_changed_sources_are_converted_again_and_verify_names_them(cohort_copy, 
                     else v for k, v in vars(c).items() if k in c.__dataclass_fields__})
     run = _cli(*_convert_args(mc, out, "--dtype", "float32"))
     assert run.returncode == 0 and "converted 0," in run.stdout, run.stdout + run.stderr
+    # ... whose new paths are recorded: verify --sources agrees, and the next run reads no file again
+    assert FeatureStore.open(out).slide_attrs(changed)["sources"]["x5_features"]["path"].startswith(str(moved))
+    assert verify_store(out, progress=False, sources=True).ok
 
 
 def test_a_failed_first_convert_leaves_no_store(cohort_copy, tmp_path):
@@ -306,3 +309,44 @@ def test_a_fifo_named_like_a_feature_file_is_reported_not_read(cohort_copy, tmp_
     assert run.returncode == 1
     # no hang on the cohort's dim probe; the slide fails with one line
     assert sum(line.startswith("PIPE: ") for line in run.stderr.splitlines()) == 1, run.stderr
+
+
+def test_a_failed_rewrite_keeps_the_complete_slide(cohort_copy, small_disk):
+    disk = small_disk("32m")
+    c = cohort_copy
+    out = disk / "store.zarr"
+    assert _cli("-q", *_convert_args(c, out, "--dtype", "float32")).returncode == 0
+    sid = c.slide_ids[0]
+    before = FeatureStore.open(out).read_slide(sid).x5
+    pt = c.x5_features / "pt_files" / f"{sid}.pt"  # re-extracted: must be converted again
+    x = torch.load(pt, weights_only=True) + 1.0
+    torch.save(x, pt)
+    with h5py.File(c.x5_features / "h5_files" / f"{sid}.h5", "r+") as f:
+        f["features"][...] = x.numpy()
+    with open(disk / "filler", "wb", buffering=0) as f:  # no room left for the new version
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\1" * 4096)
+    run = _cli("-q", *_convert_args(c, out, "--dtype", "float32"))
+    assert run.returncode == 2 and "No space left on device" in run.stderr, run.stderr
+    (disk / "filler").unlink()
+    fs = FeatureStore.open(out)
+    assert fs.slide_ids == sorted(c.slide_ids)  # the old version of the slide is still there
+    np.testing.assert_array_equal(fs.read_slide(sid).x5, before)
+    assert _leftovers(disk) == [] and not [p for p in (out / "slides").iterdir() if p.name.startswith(".")]
+    assert verify_store(out, progress=False).ok
+
+
+def test_an_entry_in_slides_that_is_no_folder_fails_that_slide_only(cohort_copy, tmp_path):
+    c = cohort_copy
+    out = tmp_path / "store.zarr"
+    assert _convert(c, out).ok
+    sid = c.slide_ids[0]
+    outside = tmp_path / "outside"
+    shutil.move(out / "slides" / sid, outside)
+    (out / "slides" / sid).symlink_to(outside)
+    run = _cli("-q", *_convert_args(c, out, "--overwrite"))
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [f"{sid}: slides/{sid} in the store is not a slide folder "
+                                               "(a link or a file): remove it"]
+    assert (outside / "zarr.json").is_file()  # never followed, never deleted

@@ -516,3 +516,22 @@ def test_convert_two_trident_runs_into_a_store(tmp_path):
     assert attrs["format"] == "trident" and attrs["encoder"] == "uni_v1"
     assert set(attrs["sources"]) == {"x5_features", "x5_coords", "x20_features", "x20_coords"}
     assert verify_store(out, progress=False, sources=True).ok
+
+
+def test_a_trident_slide_with_two_features_files_fails_alone(tmp_path):
+    from dsca.store.convert import convert_cohort
+
+    low = x5_coords()
+    job = tmp_path / "job"
+    for slide in ("S", "T"):
+        write_run(job, 5.0, low, slide=slide)
+        write_run(job, 20.0, x20_coords(low), slide=slide)
+    run5, run20 = job / "5x_256px_0px_overlap", job / "20x_256px_0px_overlap"
+    torch.save(torch.from_numpy(feature_of(low, 5)), run5 / "features_uni_v1" / "S.pt")  # a second run's copy
+    kw = dict(x5_features=run5 / "features_uni_v1", x20_features=run20 / "features_uni_v1", x5_coords=run5,
+              x20_coords=run20, out=tmp_path / "s.zarr", dtype="float32", progress=False)
+    report = convert_cohort(**kw)
+    assert report.converted == ["T"] and [sid for sid, _ in report.failures] == ["S"]
+    assert "2 features files for one slide" in report.failures[0][1]
+    again = convert_cohort(**kw)  # T's sources are what they were: nothing to redo
+    assert again.skipped == ["T"] and not again.converted
