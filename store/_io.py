@@ -17,7 +17,8 @@ import torch
 
 from dsca.store.provenance import SourceRecord, read_source
 
-__all__ = ["ClamError", "ZIP_MAGIC", "check_h5_stored", "load_pt", "plain", "read_bytes", "short_reason"]
+__all__ = ["ClamError", "ZIP_MAGIC", "check_h5_stored", "first_difference", "load_pt", "plain", "read_bytes",
+           "short_reason"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 Label = Callable[[Path], str]
@@ -32,6 +33,14 @@ def short_reason(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def first_difference(a: np.ndarray, b: np.ndarray, unit: str = "row") -> str:
+    """Where two [N, 2] coordinate arrays first differ, for a one-line message."""
+    if a.shape != b.shape:
+        return f"{len(a)} vs {len(b)} {unit}s"
+    row = int(np.argmax(np.any(a != b, axis=1)))
+    return f"first at {unit} {row}: {a[row].tolist()} vs {b[row].tolist()}"
 
 
 def plain(value: Any) -> Any:

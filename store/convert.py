@@ -78,6 +78,7 @@ from dsca.store.clam import (
     read_coords,
     read_feature_files,
 )
+from dsca.store._io import first_difference
 from dsca.store.provenance import refreshed_sources, source_changes
 from dsca.store.trident import (
     LOCK_REASON,
@@ -88,7 +89,7 @@ from dsca.store.trident import (
     trident_label,
 )
 
-__all__ = ["ConvertReport", "ConvertError", "convert_cohort", "read_label_slides"]
+__all__ = ["ConvertReport", "ConvertError", "LabelSlides", "convert_cohort", "read_label_slides"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -179,7 +180,7 @@ class _SlideTask:
 
 
 @dataclass
-class _LabelSlides:
+class LabelSlides:
     """What a labels CSV says about the cohort's slides.
 
     Attributes:
@@ -193,7 +194,7 @@ class _LabelSlides:
     missing: list[str] = field(default_factory=list)
 
 
-def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map: str | None = None) -> _LabelSlides:
+def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map: str | None = None) -> LabelSlides:
     """Slide -> patient from a labels CSV, matched to the cohort's feature slide ids.
 
     Columns are the canonical ones or named by `labels_map` (:func:`dsca.labels.parse_labels_map`),
@@ -214,7 +215,7 @@ def read_label_slides(labels: str | Path, slide_ids: Collection[str], labels_map
         raise ConvertError(f"{path}: cannot read labels CSV ({exc})") from None
     by_label: dict[str, str] = {}
     first_row: dict[str, int] = {}
-    out = _LabelSlides()
+    out = LabelSlides()
     for row, (sid, pid) in enumerate(zip(df[columns.slide], df[columns.patient]), start=2):
         sid, pid = str(sid).strip(), str(pid).strip()
         if missing_id(sid):
@@ -255,13 +256,6 @@ def _read(what: str, fn: Callable[..., _T], *args: Any) -> _T:
         return fn(*args)
     except ClamError as exc:
         raise ClamError(f"{what}: {exc}") from None
-
-
-def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"{len(a)} vs {len(b)} rows"
-    row = int(np.argmax(np.any(a != b, axis=1)))
-    return f"first at row {row}: {a[row].tolist()} vs {b[row].tolist()}"
 
 
 def _check_range(x: np.ndarray, what: str, dtype: np.dtype) -> None:
@@ -392,7 +386,7 @@ def _validate(task: _SlideTask) -> _Slide:
     _check_features(task, x5, x20)
     if f5.coords is not None and not np.array_equal(f5.coords, low.coords):
         raise ClamError(f"x5 {file_label(Path(task.x5_h5))} coords disagree with the x5 coords file "
-                        f"{file_label(Path(task.x5_coords))} ({_first_difference(f5.coords, low.coords)})")
+                        f"{file_label(Path(task.x5_coords))} ({first_difference(f5.coords, low.coords)})")
     sources = {"x5_coords": low.source, "x5_features": f5.pt or f5.h5,
                "x5_features_h5": f5.h5 if f5.pt else None,
                "x20_features": f20.pt or f20.h5, "x20_features_h5": f20.h5 if f20.pt else None}
@@ -402,7 +396,7 @@ def _validate(task: _SlideTask) -> _Slide:
         sources["x20_coords"] = high_file.source
         if f20.coords is not None and not np.array_equal(f20.coords, high_file.coords):
             raise ClamError(f"x20 {file_label(Path(task.x20_h5))} coords disagree with the x20 coords file "
-                            f"{file_label(Path(task.x20_coords))} ({_first_difference(f20.coords, high_file.coords)})")
+                            f"{file_label(Path(task.x20_coords))} ({first_difference(f20.coords, high_file.coords)})")
         high, high_ds = high_file.coords, high_file.downsample
         _check_levels(low, high_file)
     if high is not None:

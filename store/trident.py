@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from dsca.store._layout import BLOCK, SCALE
-from dsca.store._io import ClamError, check_h5_stored, load_pt, plain, read_bytes, short_reason
+from dsca.store._io import ClamError, check_h5_stored, first_difference, load_pt, plain, read_bytes, short_reason
 from dsca.store.clam import CoordsFile, LevelAttrs, check_coords, index_dir
 from dsca.store.provenance import SourceRecord
 
@@ -447,13 +447,6 @@ def _read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[s
     return features, coords, attrs, encoder, source
 
 
-def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"{a.shape[0]} vs {b.shape[0]} patches"
-    row = int(np.argmax(np.any(a != b, axis=1)))
-    return f"patch {row} at {a[row].tolist()} vs {b[row].tolist()}"
-
-
 def _grid_cells(coords: np.ndarray, step: np.ndarray, what: str) -> np.ndarray:
     """[M, 2] int64 (col, row) of corners on a grid of `step` from (0, 0) (1 px tolerance);
     ClamError for a corner off the grid or two patches in one cell."""
@@ -528,7 +521,7 @@ def read_trident_level(features_file: Path, coords_file: Path | None = None) -> 
             a, b = np.asarray(coords), np.asarray(file_coords)
             if a.shape != b.shape or not np.array_equal(a, b):
                 raise ClamError(f"{label} coords disagree with {trident_label(coords_file)} "
-                                f"({_first_difference(a, b)}): the coords were re-made after the features")
+                                f"({first_difference(a, b, 'patch')}): the coords were re-made after the features")
             if not is_trident_attrs(attrs):
                 attrs = file_attrs  # a features file without the attrs copy: the coords file has them
             elif is_trident_attrs(file_attrs) and trident_level(attrs, label) != trident_level(

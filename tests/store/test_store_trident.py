@@ -311,7 +311,7 @@ def test_coords_disagreeing_with_the_coords_file(tmp_path):
     cdir = write_run(tmp_path, 5.0, low, feature_coords=wrong)
     d = TridentDir.open(cdir)
     with pytest.raises(ClamError, match=r"5x_256px_0px_overlap/features_uni_v1/S.h5 coords disagree with "
-                                        r"5x_256px_0px_overlap/patches/S_patches.h5 \(patch 2 at"):
+                                        r"5x_256px_0px_overlap/patches/S_patches.h5 \(first at patch 2:"):
         read_trident_level(*d.files("S"))
     # without the coords file the features file's own coords are used
     assert read_trident_level(d.files("S")[0]).coords.tolist() == wrong.tolist()
