@@ -93,7 +93,7 @@ def _shuffled_labels(csv: Path, out: Path, seed: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsca.config import load_config
+    from dsca.config import load_config, parse_folds
     from dsca.store.convert import convert_cohort
     from dsca.store.synth import SynthSpec, write_synthetic_cohort
     from dsca.train import train_cross_validation
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     split_pattern = str(cohort.splits[0]).replace("fold0", "fold{}")
-    folds = [int(k) for k in args.folds.split(",")]
+    folds = parse_folds(args.folds, "--folds")
     base = {**_CONFIG, "store": str(store.resolve()), "splits": split_pattern, "epochs": args.epochs,
             "seed": args.seed, "folds": folds, "device": args.device}
     runs = {"signal": cohort.labels_csv}
@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
         cfg_path = out / f"{name}.yaml"
         _write_config(cfg_path, {**base, "labels": str(Path(labels).resolve())})
         log.info("%d/4 training %s (%s)", step, name, cfg_path)
-        reports[name] = train_cross_validation(load_config(cfg_path), out / name)
+        reports[name] = train_cross_validation(load_config(cfg_path), out / name, overwrite=True)
     _print_report(reports, out, time.perf_counter() - t0)
-    return 0
+    return 1 if any(r["summary"]["n_folds_failed"] for r in reports.values()) else 0
 
 
 def _print_report(reports: dict[str, dict[str, Any]], out: Path, seconds: float) -> None:
@@ -142,16 +142,20 @@ def _print_report(reports: dict[str, dict[str, Any]], out: Path, seconds: float)
     for i, k in enumerate(folds):
         cells = []
         for n in names:
-            f = reports[n]["folds"][i]["test"]
-            cells.append(f"{f['cindex']:.3f} [{f['cindex_ci_low']:.2f}, {f['cindex_ci_high']:.2f}]")
+            f = reports[n]["folds"][i].get("test")
+            cells.append(f"{f['cindex']:.3f} [{f['cindex_ci_low']:.2f}, {f['cindex_ci_high']:.2f}]"
+                         if f else "failed")
         print(f"{k:>6} " + " ".join(f"{c:>24}" for c in cells))
     print(f"{'mean':>6} " + " ".join(
         f"{reports[n]['summary']['test_cindex_mean']:.3f} +- {reports[n]['summary']['test_cindex_std']:.3f}".rjust(24)
         for n in names))
     s = reports["signal"]["summary"]
+    nan = float("nan")
     print(f"\nsignal: test C-index {s['test_cindex_mean']:.3f} (target >= 0.70), "
-          f"binned {s['test_cindex_discrete_mean']:.3f}, td-AUC {s.get('test_td_auc_mean', float('nan')):.3f}, "
-          f"IBS {s.get('test_ibs_mean', float('nan')):.3f}, KM log-rank p {s.get('km_logrank_p', float('nan')):.2g}")
+          f"binned {s.get('test_cindex_discrete_mean', nan):.3f}, td-AUC {s.get('test_td_auc_mean', nan):.3f}, "
+          f"IBS {s.get('test_ibs_mean', float('nan')):.3f}, risk groups: log-rank p "
+          f"{s.get('test_pooled_logrank_p', float('nan')):.2g}, HR "
+          f"{s.get('test_pooled_hazard_ratio', float('nan')):.2f}")
     if "control" in reports:
         print(f"control (shuffled labels): test C-index {reports['control']['summary']['test_cindex_mean']:.3f} "
               "(expected near 0.5)")

@@ -14,6 +14,7 @@ from dsca.cli._common import HelpFormatter, add_subcommand, add_verbosity, setup
 
 # subcommand name -> module under dsca.cli
 _SUBCOMMANDS = {
+    "init": "init",
     "train": "train",
     "demo": "demo",
     "split": "split",
@@ -25,6 +26,7 @@ _EXAMPLES = """\
 examples:
   dsca demo                                          # the whole workflow on synthetic data
   dsca split --labels labels.csv --out splits
+  dsca init --out config.yaml                        # a commented starter config
   dsca train --config config.yaml --out runs/brca
   dsca profile --device cuda
   dsca COMMAND --help                                # what each command reads and writes

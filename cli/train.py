@@ -18,16 +18,25 @@ DESCRIPTION = """\
     Every fold's inputs are checked before anything is written.
 
     Writes into the output folder: metrics.json (summary + per-fold metrics), predictions.csv,
-    train.log, config.yaml (the parsed config), training_curves.png, km_test.png, and per fold
-    fold<k>/best.pt, fold<k>/last.pt (resumable) and fold<k>/result.json.
+    train.log, config.yaml (the parsed config), run.json (run id + config), training_curves.png,
+    km_test.png (each fold's test patients split at its model's median training risk), and
+    per fold fold<k>/best.pt, fold<k>/last.pt (resumable) and fold<k>/result.json.
 
-    Exit status 0 on success, 2 when an input cannot be used (config, labels, splits, or a
-    damaged store: one line naming the slide and array)."""
+    A new run needs an empty --out; --resume continues the run there (the config must be
+    the same; running other folds into it adds them, and metrics.json then covers every
+    finished fold), --overwrite replaces it. Start from the commented config that
+    `dsca init` writes.
+
+    Exit status 0 on success, 1 when a fold failed (its model produced NaN/inf; the other
+    folds are still trained and reported), 2 when an input cannot be used (config, labels,
+    splits, a checkpoint, the output folder, or a damaged store: one line naming the file)."""
 
 EXAMPLES = """\
     dsca train --config config.yaml --out runs/brca
     dsca train --config config.yaml --out runs/brca --folds 0,1 --device cuda
     dsca train --config config.yaml --out runs/brca --resume    # after an interruption
+    dsca train --config config.yaml --out runs/brca --resume --folds 3,4   # add folds
+    dsca init --out config.yaml                                 # a commented starter config
     """
 
 log = logging.getLogger(__name__)
@@ -43,8 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated fold numbers, e.g. 0,1 (default: the config's folds)")
     parser.add_argument("--device", metavar="DEVICE",
                         help="cpu, cuda, cuda:N or auto (default: the config's device, else auto)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip finished folds and continue the running fold from its last epoch")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out with the same config: finished folds are "
+                           "kept, the running fold continues from its last epoch, other --folds "
+                           "are added to the run")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the run in --out (only the files a run writes are removed)")
 
 
 def _one_line(err: BaseException) -> str:
@@ -69,17 +83,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsca.config import ConfigError, load_config
+    from dsca.config import ConfigError, load_config, parse_folds
     from dsca.store import StoreError
     from dsca.train import train_cross_validation
 
     try:
+        folds = parse_folds(args.folds, "--folds") if args.folds is not None else None
         cfg = load_config(args.config)
-        folds = [int(k) for k in args.folds.split(",")] if args.folds else None
         out = args.out or cfg.save_path
         if out is None:
             raise ConfigError(f"{args.config}: no output directory: pass --out or set save_path")
-        report = train_cross_validation(cfg, out, folds=folds, device=args.device, resume=args.resume)
+        report = train_cross_validation(cfg, out, folds=folds, device=args.device,
+                                        resume=args.resume, overwrite=args.overwrite)
     # ConfigError and LabelError are ValueErrors; StoreError: a slide that cannot be read (a
     # damaged chunk found mid-run, possibly in a DataLoader worker)
     except (StoreError, ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
@@ -87,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dsca train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     s = report["summary"]
-    print(f"test C-index {s['test_cindex_mean']:.3f} +- {s['test_cindex_std']:.3f} "
-          f"over {s['n_folds']} fold(s); outputs in {out}")
-    return 0
+    mean, std = s["test_cindex_mean"], s["test_cindex_std"]
+    print(f"test C-index {mean:.3f} +- {std:.3f} over {s['n_folds']} fold(s); outputs in {out}")
+    for failed in s.get("failed_folds", []):
+        print(f"dsca train: error: fold {failed['fold']} failed: {failed['reason']}", file=sys.stderr)
+    return 1 if s["n_folds_failed"] else 0

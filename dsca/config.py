@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 
 from dsca.labels import LabelColumns, LabelError, parse_labels_map
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config", "parse_folds", "starter_config"]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,22 @@ _SUPERSEDED = {
     "path_patchx20", "path_patchx5", "path_coordx5", "path_coordx20", "feat_format",
     "label_discrete", "cuda_id", "task", "experiment", "dataset_name",
 }
-_ALIASES = {"path_label": "labels", "path_data_split": "splits", "seed_data_split": "folds"}
+_ALIASES = {"path_label": "labels", "path_data_split": "splits", "seed_data_split": "folds",
+            "bins": "bins_discrete"}
 _LOSSES = {"survmle": "survmle", "nll": "survmle", "survple": "survple", "cox": "survple"}
 _OPTS = ("adam", "adamw", "lookahead_adam")
+# Names other tools use for our keys, which spelling similarity would not find.
+_KEY_SYNONYMS = {
+    "learning_rate": "lr", "lr_rate": "lr", "optimizer": "opt", "optim": "opt",
+    "max_epochs": "epochs", "n_epochs": "epochs", "num_epochs": "epochs",
+    "patience": "es_patience", "early_stopping_patience": "es_patience",
+    "l1": "reg_l1", "l1_reg": "reg_l1", "wd": "weight_decay",
+    "n_bins": "bins_discrete", "num_bins": "bins_discrete",
+    "fold": "folds", "n_folds": "folds", "split": "splits", "split_dir": "splits",
+    "labels_csv": "labels", "label_csv": "labels", "store_path": "store", "features": "store",
+    "gpu": "device", "cuda": "device", "seed_everything": "seed", "output": "save_path",
+    "out": "save_path", "output_dir": "save_path", "ties": "cox_ties",
+}
 
 
 @dataclass
@@ -50,13 +64,15 @@ class TrainConfig:
     keys of the same names with these additions: ``store``, ``labels``, ``splits`` (a pattern
     with ``{}`` or a list of files), ``folds``, ``last_group`` ("drop" = the last, incomplete
     group of ``bp_every_iters`` patients of an epoch is not back-propagated, as the reference;
-    "step" = it is, with its own mean loss), ``bin_cut`` ("cohort" = cut-points on all
-    patients as the reference, or "train" = on each fold's training patients), ``cox_ties``,
+    "step" = it is, with its own mean loss), ``bin_cut`` ("train" = cut-points on each fold's
+    training patients, the default: test labels never shape the training targets; "cohort" =
+    on all patients, as the reference, to compare with its published numbers), ``cox_ties``,
     ``device`` ("auto", "cpu", "cuda", "cuda:1"), ``amp`` ("auto", "bf16", "fp16", "off";
     CUDA only), ``eval_bootstrap`` (C-index CI resamples), ``num_threads`` (CPU threads,
     0 = torch's default), ``cache_features`` (keep every patient's features in RAM after
     the first read: for cohorts that fit in memory) and ``labels_map`` (the label CSV's
-    columns, a ``dsca.labels.LabelColumns``; default ``pathology_id, patient_id, t, e``).
+    columns, a ``dsca.labels.LabelColumns``; default ``pathology_id, patient_id, t, e``) and
+    ``time_unit`` (the unit of the label times, for plots and reports).
     """
 
     model: Any
@@ -65,7 +81,7 @@ class TrainConfig:
     splits: str | list[str]
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     bins: int = 4
-    bin_cut: str = "cohort"
+    bin_cut: str = "train"
     loss: str = "survmle"
     alpha: float = 0.1
     cox_ties: str = "efron"
@@ -97,6 +113,7 @@ class TrainConfig:
     num_threads: int = 0
     cache_features: bool = False
     labels_map: LabelColumns = field(default_factory=LabelColumns)
+    time_unit: str = "days"
     source: str = "<dict>"
 
     @property
@@ -165,7 +182,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     known = valid_keys()
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+            close = [_KEY_SYNONYMS[key]] if key in _KEY_SYNONYMS else difflib.get_close_matches(
+                key, sorted(known), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
     for alias, key in _ALIASES.items():
@@ -203,7 +221,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if loss is None:
         raise ConfigError(f"{source}: loss {raw['loss']!r} is not one of survmle (nll), survple (cox)")
     out_dim = model_cfg.dims[-1]
-    bins = int(raw.get("bins_discrete", out_dim if out_dim > 1 else 4))
+    bins = _number(raw.get("bins_discrete", out_dim if out_dim > 1 else 4), "bins_discrete", source, int)
     if loss == "survmle" and out_dim != bins:
         raise ConfigError(
             f"{source}: dims ends in {out_dim} but bins_discrete is {bins}: the discrete head "
@@ -212,8 +230,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if loss == "survple" and out_dim != 1:
         raise ConfigError(f"{source}: loss survple (Cox) needs dims ending in 1, got {out_dim}")
 
-    folds = raw.get("folds", [0, 1, 2, 3, 4])
-    folds = [int(folds)] if isinstance(folds, int) else [int(k) for k in folds]
+    folds = parse_folds(raw.get("folds", [0, 1, 2, 3, 4]), f"{source}: folds")
     splits = need("splits")
     splits = resolve(splits) if isinstance(splits, str) else [resolve(s) for s in splits]
 
@@ -224,6 +241,10 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
 
     device = raw.get("device", "cpu" if raw.get("no_cuda") else "auto")
     betas = raw.get("opt_betas")
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"{source}: opt_betas must be two numbers [beta1, beta2], got {betas!r}")
+        betas = [_number(b, "opt_betas", source, float) for b in betas]
     cfg = TrainConfig(
         model=model_cfg,
         store=Path(resolve(need("store"))),
@@ -256,19 +277,96 @@ _INTS = {
     "seed", "epochs", "batch_size", "bp_every_iters", "num_workers", "es_patience", "es_warmup",
     "es_start_epoch", "lr_patience", "eval_bootstrap", "num_threads",
 }
+_BOOLS = {"es_verbose", "save_prediction", "cache_features"}
+_STRINGS = {"bin_cut", "cox_ties", "last_group", "monitor_metrics", "opt", "amp", "time_unit"}
+# (low, high, low inclusive, high inclusive); high None = unbounded.
+_RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "alpha": (0.0, 1.0, True, True),
+    "reg_l1": (0.0, None, True, False),
+    "lr": (0.0, None, False, False),
+    "weight_decay": (0.0, None, True, False),
+    "lr_factor": (0.0, 1.0, False, False),
+    "opt_eps": (0.0, None, False, False),
+    "opt_momentum": (0.0, 1.0, True, False),
+    "seed": (0, None, True, False),
+    "epochs": (1, None, True, False),
+    "bp_every_iters": (1, None, True, False),
+    "num_workers": (0, None, True, False),
+    "es_patience": (1, None, True, False),
+    "es_warmup": (0, None, True, False),
+    "es_start_epoch": (0, None, True, False),
+    "lr_patience": (0, None, True, False),
+    "eval_bootstrap": (0, None, True, False),
+    "num_threads": (0, None, True, False),
+}
+
+
+def _number(value: Any, key: str, source: str, kind: type) -> Any:
+    """``value`` as an int or float, refusing booleans, text and (for ints) fractions."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{source}: {key} = {value!r} is not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} = {value!r} is not a number") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ConfigError(f"{source}: {key} = {value!r} must be a whole number")
+        return int(number)
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: {key} = {value!r} must be finite")
+    return number
 
 
 def _coerce(value: Any, key: str, source: str) -> Any:
     if value is None:
         return None
-    try:
-        if key in _FLOATS:
-            return float(value)
-        if key in _INTS:
-            return int(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: {key} = {value!r} is not a number") from err
+    if key in _FLOATS:
+        value = _number(value, key, source, float)
+    elif key in _INTS:
+        value = _number(value, key, source, int)
+    elif key in _BOOLS and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    elif key in _STRINGS and not isinstance(value, str):
+        raise ConfigError(f"{source}: {key} must be text, got {value!r}")
+    if key in _RANGES:
+        _check_range(key, value, source)
     return value
+
+
+def _check_range(key: str, value: float, source: str) -> None:
+    low, high, low_in, high_in = _RANGES[key]
+    if (value < low if low_in else value <= low) or (
+        high is not None and (value > high if high_in else value >= high)
+    ):
+        if high is None:
+            what = f"{'>=' if low_in else '>'} {low}"
+        else:
+            what = f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+        raise ConfigError(f"{source}: {key} must be {what}, got {value}")
+
+
+def parse_folds(value: Any, where: str) -> list[int]:
+    """Fold numbers from YAML (an int or a list) or the command line ("0,1,3").
+
+    Raises:
+        ConfigError: naming ``where`` (the key or flag), for anything but distinct
+            non-negative whole numbers.
+    """
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ConfigError(f"{where}: expected fold numbers such as 0,1,2; got {value!r}")
+    folds = []
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, bool) or not text.isdigit():
+            raise ConfigError(f"{where}: expected fold numbers such as 0,1,2; {item!r} is not "
+                              "a non-negative whole number")
+        folds.append(int(text))
+    repeated = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: fold {', '.join(map(str, repeated))} given more than once")
+    return folds
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -291,9 +389,134 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"{s}: monitor_metrics must be 'loss' or 'ci', got {cfg.monitor_metrics!r}")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise ConfigError(f"{s}: amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"{s}: alpha must be in [0, 1], got {cfg.alpha}")
-    if cfg.epochs < 1 or cfg.lr <= 0:
-        raise ConfigError(f"{s}: epochs must be >= 1 and lr > 0")
-    if any(k < 0 for k in cfg.folds):
-        raise ConfigError(f"{s}: fold numbers must be >= 0, got {cfg.folds}")
+    if cfg.opt_betas is not None and not all(0.0 <= b < 1.0 for b in cfg.opt_betas):
+        raise ConfigError(f"{s}: opt_betas must be two numbers in [0, 1), got {list(cfg.opt_betas)}")
+    if cfg.bins < 2:
+        raise ConfigError(f"{s}: bins_discrete must be >= 2, got {cfg.bins}")
+    if not cfg.time_unit.strip():
+        raise ConfigError(f"{s}: time_unit must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# the starter config of `dsca init`: every key, its default and what it means
+
+_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("inputs and outputs", (
+        ("store", "feature store written by `dsca-store convert` (required)"),
+        ("labels", "labels CSV: one row per slide with slide id, patient id, time, event (required)"),
+        ("labels_map", "which CSV columns hold slide, patient, time and event/censorship, e.g. "
+                       "'slide=slide_id,patient=case_id,time=os_days,event=os_event'; null = "
+                       "pathology_id, patient_id, t, e"),
+        ("splits", "split files, one .npz per fold: a pattern with {} for the fold number, as "
+                   "`dsca split` writes them, or a list of paths (required)"),
+        ("folds", "fold numbers to run"),
+        ("time_unit", "unit of the label times, for plot axes and reports"),
+        ("save_path", "output folder when --out is not given"),
+        ("save_prediction", "write predictions.csv (every patient's risk and survival curve)"),
+    )),
+    ("survival targets and loss", (
+        ("loss", "survmle: discrete-time NLL over bins_discrete bins; survple: Cox partial "
+                 "likelihood (dims must end in 1)"),
+        ("bins_discrete", "number of discrete time bins (quartiles of the event times for 4)"),
+        ("bin_cut", "train: bin edges from each fold's training patients; cohort: from all "
+                    "patients, as the reference study (use it to compare with its numbers)"),
+        ("alpha", "extra weight of the uncensored patients' NLL term in training"),
+        ("cox_ties", "tied event times in the Cox loss: efron or breslow"),
+        ("reg_l1", "L1 penalty on every weight, added once per optimizer step"),
+    )),
+    ("optimisation", (
+        ("opt", "adam, adamw or lookahead_adam (Lookahead k=6, alpha=0.5 around Adam)"),
+        ("lr", "learning rate"),
+        ("weight_decay", "weight decay (not applied to biases and norm weights)"),
+        ("opt_eps", "Adam epsilon; null = torch's default"),
+        ("opt_betas", "Adam betas [beta1, beta2]; null = torch's default"),
+        ("opt_momentum", "accepted for the reference's configs; Adam does not use it"),
+        ("epochs", "maximum epochs per fold"),
+        ("batch_size", "patients per forward pass (must be 1: patients differ in size)"),
+        ("bp_every_iters", "patients per optimizer step (gradients accumulate over them)"),
+        ("last_group", "drop: the last incomplete group of an epoch is not back-propagated "
+                       "(the reference); step: it is"),
+        ("lr_factor", "ReduceLROnPlateau: factor the learning rate is multiplied by"),
+        ("lr_patience", "ReduceLROnPlateau: epochs without improvement before that"),
+        ("monitor_metrics", "what picks the best epoch and drives the schedule: loss "
+                            "(validation NLL) or ci (validation C-index)"),
+        ("es_patience", "early stopping: epochs without improvement before stopping; null = never"),
+        ("es_warmup", "early stopping: epochs before anything is recorded"),
+        ("es_start_epoch", "early stopping: never stop at or before this epoch"),
+        ("es_verbose", "accepted for the reference's configs"),
+        ("seed", "seed of weights, dropout and the shuffling"),
+    )),
+    ("model", (
+        ("dims", "input-embedding-hidden-output sizes; the input is the store's feature size, "
+                 "the output is bins_discrete (or 1 for Cox)"),
+        ("magnification", "x5_x20 (both streams), x5 or x20 (one stream)"),
+        ("emb_x5_backbone", "x5 patch embedding"),
+        ("emb_x5_ksize", "x5 embedding kernel size (odd)"),
+        ("emb_x20_backbone", "x20 embedding: capool (cross-attention pooling guided by the x5 "
+                             "patch), avgpool or gapool"),
+        ("emb_x20_dw_conv", "depthwise-separable 4x4-block convolution"),
+        ("emb_x20_ksize", "block convolution kernel size: 1 or 3"),
+        ("tra_position_emb", "sin-cos position embedding of the patch grid"),
+        ("tra_backbone", "Transformer or Nystromformer"),
+        ("tra_nhead", "attention heads of the encoder"),
+        ("tra_num_layers", "encoder layers"),
+        ("tra_ksize", "accepted for the reference's configs (unused)"),
+        ("tra_dw_conv", "accepted for the reference's configs (unused)"),
+        ("tra_epsilon", "accepted for the reference's configs (unused)"),
+        ("join", "post: encode each stream then fuse; pre: fuse then encode"),
+        ("fusion", "fusion (sum) or cat (concatenate)"),
+        ("pool", "global pooling of the patches: gap (attention), mean, max or max_mean"),
+        ("dropout", "dropout probability"),
+        ("capool_backend", "auto (Triton on CUDA, PyTorch elsewhere), triton or torch"),
+    )),
+    ("machine", (
+        ("device", "auto, cpu, cuda or cuda:N"),
+        ("amp", "mixed precision on CUDA: auto, bf16, fp16 or off"),
+        ("num_workers", "DataLoader worker processes (capped at the CPUs)"),
+        ("num_threads", "torch CPU threads; 0 = torch's default"),
+        ("cache_features", "keep every patient's features in memory after the first read"),
+        ("eval_bootstrap", "bootstrap resamples of the C-index confidence interval; 0 = none"),
+    )),
+)
+
+
+def starter_config(store: str | None = None, labels: str | None = None,
+                   splits: str | None = None) -> str:
+    """The text of a commented YAML config with every key at its default.
+
+    ``store``, ``labels`` and ``splits`` fill the required keys (placeholders otherwise).
+    """
+    model_defaults = asdict(_model_config_class()())
+    train_defaults = {f.name: getattr(TrainConfig(model=None, store=Path(), labels=Path(), splits=""), f.name)
+                      for f in fields(TrainConfig)}
+    given = {"store": store or "cohort.zarr", "labels": labels or "labels.csv",
+             "splits": splits or "splits/cohort-fold{}.npz"}
+    lines = ["# dsca train configuration: every key with its default. Relative paths are read",
+             "# against this file's folder. Keys of the reference study's config_hier.yaml are",
+             "# accepted too.", ""]
+    for title, keys in _SECTIONS:
+        lines += [f"# --- {title} " + "-" * max(0, 86 - len(title)), ""]
+        for key, meaning in keys:
+            if key in given:
+                value: Any = given[key]
+            elif key == "bins_discrete":
+                value = train_defaults["bins"]
+            elif key in model_defaults:
+                value = model_defaults[key]
+                value = "-".join(map(str, value)) if key == "dims" else value
+            elif key == "labels_map":
+                value = None  # the default columns
+            else:
+                value = train_defaults[key]
+            for text in _wrap(meaning):
+                lines.append(f"# {text}")
+            lines.append(yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value},
+                                        default_flow_style=True, width=1000).strip().strip("{}"))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int = 92) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)

@@ -10,11 +10,9 @@ for Cox it is the log hazard itself.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
-from torchsurv.loss.cox import neg_partial_log_likelihood
 
 __all__ = ["discrete_nll", "cox_nll", "l1_penalty", "risk_score", "survival_curve"]
 
@@ -87,7 +85,17 @@ def discrete_nll(
 def cox_nll(
     log_hazard: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str = "efron"
 ) -> torch.Tensor:
-    """Negative Cox partial log-likelihood (torchsurv) divided by the number of patients.
+    """Negative Cox partial log-likelihood divided by the number of patients.
+
+    With ``eta`` the log hazards, ``D(t)`` the d patients with an event at time t and ``R(t)``
+    the risk set ``{j : T_j >= t}`` (censored patients tied with an event stay in it):
+
+        Breslow: log PL = sum_t [ sum_{i in D(t)} eta_i - d log sum_{R(t)} e^eta ]
+        Efron:   log PL = sum_t [ sum_{i in D(t)} eta_i
+                                  - sum_{l=0}^{d-1} log( sum_{R(t)} e^eta - l/d sum_{D(t)} e^eta ) ]
+
+    Every sum of exponentials is taken as a log-sum-exp, so log hazards of any size give a
+    finite loss; Efron's ``R(t) \\ D(t)`` part is summed directly, not as a difference.
 
     Args:
         log_hazard: [B] or [B, 1] log relative hazards.
@@ -96,23 +104,65 @@ def cox_nll(
         ties: "efron" or "breslow".
 
     Returns:
-        scalar; 0 (with a gradient path) when the batch has no event.
+        scalar ``-log PL / B``; 0 (with a gradient path) when the batch has no event.
     """
     if ties not in ("efron", "breslow"):
         raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
-    log_hazard = log_hazard.reshape(-1)
-    event = event.reshape(-1).bool()
-    if not bool(event.any()):
+    eta = log_hazard.reshape(-1)
+    n = eta.shape[0]
+    is_event = event.reshape(-1).to(eta.device) > 0
+    time = time.reshape(-1).to(eta.device)
+    if not (n == is_event.shape[0] == time.shape[0]):
+        raise ValueError(f"cox_nll: {n} log hazards, {is_event.shape[0]} events, {time.shape[0]} times")
+    if n == 0 or not bool(is_event.any()):
         # No event: the partial likelihood is constant; keep the graph so callers can backward.
-        return log_hazard.sum() * 0.0
-    # Sum over events divided by the number of patients, as the reference's loss; torchsurv's
-    # own "mean" divides by the number of distinct event times instead.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Ties in `time` detected")  # expected, per step
-        total = neg_partial_log_likelihood(
-            log_hazard.float(), event, time.reshape(-1).float(), ties_method=ties, reduction="sum"
-        )
-    return total / len(log_hazard)
+        return eta.sum() * 0.0
+    # Group patients by distinct time (ascending); the risk set of group k is groups >= k.
+    uniq, group = torch.unique(time, return_inverse=True)
+    n_groups = uniq.shape[0]
+    lse_all = _segment_logsumexp(eta, group, torch.ones_like(is_event), n_groups)
+    # log sum over groups >= k: a reversed cumulative log-sum-exp
+    tail = torch.logcumsumexp(lse_all.flip(0), dim=0).flip(0)
+    event_eta = eta[is_event]
+    event_group = group[is_event]
+    if ties == "breslow":
+        log_denominator = tail[event_group]
+    else:
+        lse_events = _segment_logsumexp(eta, group, is_event, n_groups)
+        lse_censored = _segment_logsumexp(eta, group, ~is_event, n_groups)
+        after = torch.cat([tail[1:], tail.new_full((1,), _log_zero(eta.dtype))])
+        lse_others = torch.logaddexp(after, lse_censored)  # R(t) without D(t)
+        # l = 0..d-1 within each tie group, d = its size
+        d = torch.bincount(event_group, minlength=n_groups)
+        order = torch.argsort(event_group, stable=True)
+        first = torch.cumsum(d, 0) - d
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0], device=order.device) - first[event_group[order]]
+        keep = 1.0 - rank.to(eta.dtype) / d[event_group].to(eta.dtype)  # 1 - l/d, in (0, 1]
+        log_denominator = torch.logaddexp(lse_others[event_group],
+                                          torch.log(keep) + lse_events[event_group])
+    return -(event_eta - log_denominator).sum() / n
+
+
+def _segment_logsumexp(
+    values: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """[G] log-sum-exp of ``values[mask]`` per group; :func:`_log_zero` for an empty group."""
+    zero = _log_zero(values.dtype)
+    masked = torch.where(mask, values, torch.full_like(values, zero))
+    top = torch.full((n_groups,), zero, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, group, masked.detach(), reduce="amax", include_self=True)
+    shift = torch.where(top > zero, top, torch.zeros_like(top))
+    sums = torch.zeros_like(top).scatter_add(0, group, torch.exp(masked - shift[group]))
+    present = sums > 0
+    safe = torch.where(present, sums, torch.ones_like(sums))
+    return torch.where(present, torch.log(safe) + shift, torch.full_like(sums, zero))
+
+
+def _log_zero(dtype: torch.dtype) -> float:
+    """A finite stand-in for log(0): with -inf, logaddexp's first and second derivatives
+    become NaN (0 * NaN) for terms that should simply not count."""
+    return torch.finfo(dtype).min / 4
 
 
 def l1_penalty(params: Iterable[torch.Tensor], coef: float) -> torch.Tensor | float:

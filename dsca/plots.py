@@ -1,86 +1,197 @@
-"""PNG figures of a training run: training curves and Kaplan-Meier risk groups."""
+"""PNG figures of a training run.
+
+- :func:`plot_km`: Kaplan-Meier survival of the low- and high-risk test patients, with 95%
+  confidence bands, censoring ticks and a "number at risk" table whose columns sit under the
+  time axis' major ticks.
+- :func:`plot_training_curves`: loss and C-index per epoch, train (solid) against validation
+  (dashed), one colour per fold, each fold's best epoch marked.
+"""
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, MaxNLocator
 
-matplotlib.use("Agg")  # files only; never needs a display
+from dsca.metrics import kaplan_meier
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+matplotlib.use("Agg")  # files only; never needs a display (pyplot picks its backend lazily)
 
-from dsca.metrics import kaplan_meier, logrank_test  # noqa: E402
+__all__ = ["plot_km", "plot_training_curves"]
 
-__all__ = ["plot_training_curves", "plot_km"]
+_GROUPS = (("low risk", "tab:blue"), ("high risk", "tab:red"))
+_TITLE_WIDTH = 80  # characters; run names make long titles, wrapped rather than clipped
 
 
-def plot_training_curves(
-    histories: Sequence[Sequence[dict[str, float]]], folds: Sequence[int], path: str | Path
-) -> Path:
-    """Loss and C-index per epoch (train solid, validation dashed), one colour per fold."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def _time_ticks(t_max: float) -> np.ndarray:
+    """Round tick positions within ``[0, t_max]`` (e.g. 0, 500, ..., 3000 days)."""
+    t_max = float(t_max) if t_max > 0 else 1.0
+    ticks = MaxNLocator(nbins=6, integer=True, min_n_ticks=4,
+                        steps=[1, 2, 2.5, 5, 10]).tick_values(0.0, t_max)
+    # The locator's multiples carry float noise (0.6000000000000001); round to the step's digits.
+    digits = max(0, 2 - math.floor(math.log10(ticks[1] - ticks[0])))
+    ticks = np.round(ticks, digits)
+    return ticks[(ticks >= 0) & (ticks <= t_max)]
+
+
+def _at_risk_table(time: np.ndarray, ticks: np.ndarray) -> np.ndarray:
+    """Patients still followed at each tick: ``[len(ticks)]`` counts of ``time >= tick``."""
+    time = np.asarray(time, dtype=float).reshape(-1)
+    return (time[:, None] >= np.asarray(ticks, dtype=float)[None, :]).sum(axis=0)
+
+
+def _km_figure(time: np.ndarray, event: np.ndarray, high: np.ndarray, *, time_unit: str,
+               title: str, annotation: str) -> Figure:
+    """The figure of :func:`plot_km`, not saved (tests read its axes)."""
+    time = np.asarray(time, dtype=float).reshape(-1)
+    event = np.asarray(event).reshape(-1).astype(int)
+    high = np.asarray(high, dtype=bool).reshape(-1)
+    t_max = float(time.max()) if len(time) and time.max() > 0 else 1.0
+    ticks = _time_ticks(t_max)
+
+    fig = plt.figure(figsize=(7.5, 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, 1, height_ratios=[5, 1.1])
+    ax = fig.add_subplot(grid[0])
+    # The table shares x with the curves, so a count drawn at x = tick sits under that tick.
+    tab = fig.add_subplot(grid[1], sharex=ax)
+    for row, ((name, colour), mask) in enumerate(zip(_GROUPS, (~high, high))):
+        t, e = time[mask], event[mask]
+        if len(t):
+            km = kaplan_meier(t, e, level=0.95)
+            # Extend the last step to the group's last follow-up, censored or not.
+            end = max(float(t.max()), float(km.time[-1]))
+            x = np.append(km.time, end)
+            s, lo, hi = (np.append(v, v[-1]) for v in (km.survival, km.ci_low, km.ci_high))
+            ax.step(x, s, where="post", color=colour, lw=1.8, label=f"{name} (n={len(t)})")
+            ax.fill_between(x, lo, hi, step="post", color=colour, alpha=0.2, lw=0)
+            cens = t[e == 0]
+            at = np.searchsorted(km.time, cens, side="right") - 1  # right-continuous S(c)
+            ax.plot(cens, km.survival[at], "|", color=colour, ms=8, mew=1.2)
+        y = 0.7 - 0.45 * row  # rows in axes coordinates of the table
+        for tick, n in zip(ticks, _at_risk_table(t, ticks)):
+            tab.text(tick, y, str(n), transform=tab.get_xaxis_transform(), ha="center",
+                     va="center", fontsize=9, color=colour)
+        # left of the axis by more than half a count's width: the count at t = 0 is centred on it
+        tab.text(-0.06, y, name, transform=tab.transAxes, ha="right", va="center",
+                 fontsize=9, color=colour, fontweight="bold")
+
+    # 2% room on the right, so marks at the last follow-up are not cut in half.
+    ax.set_xlim(0, 1.02 * t_max)
+    # A fixed locator: the curves' ticks and the table's columns are the same numbers.
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(f"time ({time_unit})")
+    ax.set_ylabel("survival probability")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", frameon=True, fontsize=9)
+    ax.set_title(annotation, fontsize=9)
+    fig.suptitle(textwrap.fill(title, _TITLE_WIDTH), fontsize=11)
+    tab.set_title("number at risk", fontsize=9, loc="left")
+    tab.tick_params(axis="both", which="both", bottom=False, left=False,
+                    labelbottom=False, labelleft=False)
+    for spine in tab.spines.values():
+        spine.set_visible(False)
+    return fig
+
+
+def plot_km(time: np.ndarray, event: np.ndarray, high: np.ndarray, path: str | Path, *,
+            time_unit: str = "days", title: str = "", annotation: str = "") -> Path:
+    """Kaplan-Meier curves of the low- and high-risk groups, with a number-at-risk table.
+
+    Args:
+        time: [N] follow-up times; event: [N] 1 = event, 0 = censored.
+        high: [N] bool, the high-risk group (decided by the caller).
+        path: PNG to write.
+        time_unit: unit of ``time``, for the axis label.
+        title: first title line (run and split rule); annotation: smaller second line
+            (e.g. log-rank p and hazard ratio).
+
+    Returns:
+        ``path``. An empty group is left out of the curves (its table row is zeros).
+    """
+    fig = _km_figure(time, event, high, time_unit=time_unit, title=title, annotation=annotation)
+    return _save(fig, path)
+
+
+def _finite(rows: Sequence[dict[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of the rows where ``key`` is a finite number (None/NaN skipped)."""
+    pairs = [(r.get("epoch"), r.get(key)) for r in rows]
+    pairs = [(float(e), float(v)) for e, v in pairs
+             if e is not None and v is not None and math.isfinite(float(v))]
+    return (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+
+
+def plot_training_curves(histories: Sequence[Sequence[dict[str, float]]], folds: Sequence[int],
+                         best_epochs: Sequence[int], path: str | Path, *, title: str = "") -> Path:
+    """Loss (left) and C-index (right) per epoch, per fold; train solid, validation dashed.
+
+    Args:
+        histories: per fold, its rows with ``epoch`` (1-based), ``train_loss``, ``val_loss``,
+            ``train_cindex``, ``val_cindex``; missing/None/NaN values are skipped, empty
+            histories (failed folds) left out.
+        folds: [F] fold numbers, parallel to ``histories``.
+        best_epochs: [F] each fold's best epoch (1-based; 0 or None: none), marked with a star
+            on the validation curves and a dotted vertical line.
+        path: PNG to write; title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    fig = _curves_figure(histories, folds, best_epochs, title=title)
+    return _save(fig, path)
+
+
+def _curves_figure(histories: Sequence[Sequence[dict[str, float]]], folds: Sequence[int],
+                   best_epochs: Sequence[int], *, title: str) -> Figure:
+    """The figure of :func:`plot_training_curves`, not saved (tests read its axes)."""
+    fig, axes = plt.subplots(1, 2, sharex=True, figsize=(11, 4.4), layout="constrained")
     colours = plt.get_cmap("tab10")
-    for i, (hist, fold) in enumerate(zip(histories, folds)):
-        if not hist:
+    fold_handles = []
+    for i, (rows, fold) in enumerate(zip(histories, folds)):
+        if not rows:
             continue
-        ep = [h["epoch"] for h in hist]
-        c = colours(i % 10)
+        colour = colours(i % 10)
+        best = best_epochs[i] if i < len(best_epochs) else None
+        best = float(best) if best is not None and best > 0 else None  # 0/None/NaN: no best
         for ax, key in zip(axes, ("loss", "cindex")):
-            ax.plot(ep, [h[f"train_{key}"] for h in hist], color=c, label=f"fold {fold} train")
-            ax.plot(ep, [h[f"val_{key}"] for h in hist], color=c, ls="--", label=f"fold {fold} val")
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: alpha-weighted NLL)")
-    axes[1].set(xlabel="epoch", ylabel="C-index", title="C-index")
-    axes[1].axhline(0.5, color="grey", lw=0.8)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+            for split, style in (("train", "-"), ("val", "--")):
+                x, y = _finite(rows, f"{split}_{key}")
+                ax.plot(x, y, ls=style, color=colour, lw=1.4)
+            if best is not None:
+                ax.axvline(best, color=colour, ls=":", lw=0.9)
+                x, y = _finite(rows, f"val_{key}")
+                hit = x == best
+                ax.plot(x[hit], y[hit], "*", color=colour, ms=12, mec="black", mew=0.5, zorder=5)
+        fold_handles.append(Line2D([], [], color=colour, lw=2, label=f"fold {fold}"))
+
+    axes[0].set(title="loss", xlabel="epoch", ylabel="loss (same formula for train and val)")
+    axes[1].set(title="C-index", xlabel="epoch", ylabel="C-index")
+    axes[1].axhline(0.5, color="grey", lw=0.9, zorder=0)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+    style_handles = [
+        Line2D([], [], color="black", ls="-", label="train"),
+        Line2D([], [], color="black", ls="--", label="validation"),
+        Line2D([], [], color="black", ls=":", marker="*", ms=10, label="best epoch"),
+    ]
+    # Outside the panels: curves of many folds leave no free corner inside.
+    fig.legend(handles=fold_handles + style_handles, loc="outside right upper", fontsize=9)
+    if title:
+        fig.suptitle(textwrap.fill(title, 2 * _TITLE_WIDTH), fontsize=11)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def plot_km(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, path: str | Path, n_ticks: int = 5
-) -> float:
-    """Kaplan-Meier curves of the high- and low-risk halves (split at the median risk).
-
-    Args:
-        time, event, risk: [N] pooled test predictions (higher risk = shorter survival).
-        path: PNG to write.
-        n_ticks: time points of the at-risk table.
-
-    Returns:
-        the log-rank p-value (NaN if undefined).
-    """
-    time = np.asarray(time, float)
-    event = np.asarray(event, int)
-    high = np.asarray(risk, float) > np.median(risk)
-    _, p = logrank_test(time, event, high)
-    fig, (ax, tab) = plt.subplots(
-        2, 1, figsize=(6, 5), gridspec_kw={"height_ratios": [4, 1]}
-    )
-    ticks = np.linspace(0, time.max(), n_ticks)
-    rows = []
-    for name, mask, colour in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
-        if mask.any():
-            ts, surv = kaplan_meier(time[mask], event[mask])
-            ax.step(np.append(ts, time[mask].max()), np.append(surv, surv[-1]), where="post",
-                    color=colour, label=f"{name} (n={mask.sum()})")
-            cens = time[mask][event[mask] == 0]
-            ax.plot(cens, surv[np.searchsorted(ts, cens, side="right") - 1], "|", color=colour, ms=6)
-        rows.append([int((time[mask] >= t).sum()) for t in ticks])
-    ax.set(ylabel="survival probability", ylim=(0, 1.05),
-           title=f"Kaplan-Meier, median split of predicted risk\nlog-rank p = {p:.2g}")
-    ax.legend(loc="upper right")
-    tab.axis("off")
-    table = tab.table(cellText=rows, rowLabels=["low risk", "high risk"],
-                      colLabels=[f"{t:.0f}" for t in ticks], loc="center", cellLoc="center")
-    table.scale(1, 1.2)
-    tab.set_title("number at risk", fontsize=9)
-    ax.set_xlabel("time")
-    fig.tight_layout()
-    fig.savefig(Path(path), dpi=120)
-    plt.close(fig)
-    return float(p)

@@ -13,16 +13,22 @@ patients.
 
 Per epoch: train, evaluate the validation set, ReduceLROnPlateau and early stopping on the
 validation loss (alpha = 0), keep the best weights. After training the best weights are
-evaluated on train/val/test. Everything lands in the output directory:
+evaluated on train/val/test; the training patients are the censoring reference of the IPCW
+metrics, and their median risk splits every part into high/low risk groups (the threshold a
+deployed model would use). A fold whose model diverges (NaN/inf weights or predictions) is
+recorded as failed with its reason; the other folds go on. Everything lands in the output
+folder (its rules: ``dsca.rundir``):
 
-    metrics.json            summary (mean/std over folds) + per-fold metrics (MUST format)
-    predictions.csv         fold, split, patient_id, t, e, y_t, risk, surv_1..K (or log_hazard);
-                            unless save_prediction is false
+    metrics.json            summary (mean/std over finished folds, pooled risk groups) +
+                            per-fold metrics (MUST format)
+    predictions.csv         fold, split, patient_id, t, e, y_t, risk, risk_group, surv_1..K
+                            (or log_hazard); unless save_prediction is false
     train.log               the log of the run
-    config.yaml             the parsed configuration
+    config.yaml, run.json   the parsed configuration; the run's id and the config it started with
     training_curves.png     loss and C-index per epoch and fold
-    km_test.png             Kaplan-Meier of high vs low predicted risk (pooled test folds)
-    fold<k>/last.pt         resumable state; fold<k>/best.pt best weights; fold<k>/result.json
+    km_test.png             Kaplan-Meier of the risk groups of the test patients of all folds
+    fold<k>/last.pt         resumable state; fold<k>/best.pt best weights (``dsca.checkpoint``);
+    fold<k>/result.json     the fold's metrics, history and predictions
 """
 from __future__ import annotations
 
@@ -47,14 +53,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dsca.atomic import atomic_write
+from dsca.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dsca.config import ConfigError, TrainConfig
 from dsca.labels import load_labels, patient_slides, rebin
 from dsca.losses import cox_nll, discrete_nll, l1_penalty, risk_score, survival_curve
-from dsca.metrics import evaluate_predictions
+from dsca.metrics import evaluate_predictions, hazard_ratio, logrank_test, split_at_training_median
 from dsca.optim import build_optimizer
+from dsca.rundir import RunDir, open_run_dir
 from dsca.splits import Split, load_split, resolve_split_paths
 
-__all__ = ["train_cross_validation", "train_fold", "FoldData", "accumulate_group"]
+__all__ = ["train_cross_validation", "train_fold", "FoldData", "FoldFailed", "accumulate_group"]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +157,8 @@ def _to_inputs(sample: Any, device: torch.device, position_emb: bool) -> tuple[t
     x20 = sample.x20.unsqueeze(0).to(device, non_blocking=True)
     x5 = sample.x5.unsqueeze(0).to(device, non_blocking=True)
     coords = sample.coords.unsqueeze(0).to(device) if position_emb else None
-    return x20, x5, coords, torch.as_tensor(sample.label, dtype=torch.float32)
+    # float64: decimal times must compare equal to the same times in the labels and metrics
+    return x20, x5, coords, torch.as_tensor(sample.label, dtype=torch.float64)
 
 
 class _CachedDataset(Dataset):
@@ -196,6 +206,15 @@ def build_fold_data(
         datasets[name] = ds
     if "train" not in datasets or "val" not in datasets:
         raise ValueError(f"{split_path}: fold {fold} needs non-empty train and val patients")
+    if cfg.monitor_metrics == "ci":
+        from dsca.metrics import concordance_index
+
+        val = fold_labels.loc[split.val]
+        if np.isnan(concordance_index(val["t"], val["e"], np.zeros(len(val)))):
+            raise ValueError(
+                f"{split_path}: fold {fold}'s {len(val)} validation patients ({int(val['e'].sum())} "
+                "events) have no comparable pair, so monitor_metrics: ci cannot pick an epoch; "
+                "use monitor_metrics: loss or a larger validation set")
     return FoldData(fold=fold, split=split, labels=fold_labels, datasets=datasets)
 
 
@@ -401,39 +420,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def _monitored(cfg: TrainConfig, loss: float, cindex: float) -> float:
     return cindex if cfg.monitor_metrics == "ci" else loss
 
 
+class FoldFailed(Exception):
+    """A fold produced no usable model (NaN/inf outputs); the other folds go on."""
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def train_fold(
-    cfg: TrainConfig, data: FoldData, fold_dir: Path, device: torch.device, resume: bool = False
+    cfg: TrainConfig, data: FoldData, fold_dir: Path, device: torch.device, run_id: str,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train one fold, evaluate its best weights on every split part, write ``fold_dir``.
 
     Returns:
-        ``{"fold", "best_epoch", "epochs_run", "history", "train"/"val"/"test": metrics,
-        "predictions": DataFrame rows}``.
+        ``{"fold", "status": "ok", "best_epoch", "epochs_run", "history", "bin_edges",
+        "train"/"val"/"test": metrics, "predictions": rows}``, or for a fold whose model
+        diverged ``{"fold", "status": "failed", "reason", "history", ...}``.
+
+    Raises:
+        CheckpointError: ``last.pt`` (with ``resume``) or ``best.pt`` cannot be used.
     """
     from dsca import build_model
 
@@ -454,7 +465,7 @@ def train_fold(
     history: list[dict[str, float]] = []
     start = 0
     if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = load_checkpoint(last_path, kind="last", run_id=run_id, fold=data.fold)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -463,26 +474,32 @@ def train_fold(
             scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start = state["epoch"] + 1
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.info("fold %d: resumed after epoch %d", data.fold, start)
+    else:
+        # a fold started afresh (also one that failed before) keeps nothing of an earlier try
+        for stale in (last_path, best_path):
+            stale.unlink(missing_ok=True)
 
     sets = data.datasets
     if len(sets["train"]) < cfg.bp_every_iters:
         log.warning("fold %d: %d training patients, fewer than bp_every_iters = %d: one optimizer "
                     "step per epoch over all of them", data.fold, len(sets["train"]), cfg.bp_every_iters)
-    epoch = start - 1
+    diverged = None
     for epoch in range(start, cfg.epochs):
         if stopper.stop:
             break
         t0 = time.perf_counter()
         desc = f"fold {data.fold} epoch {epoch + 1}/{cfg.epochs}"
-        train_loss, train_out = _train_epoch(model, sets["train"], optimizer, cfg, device, epoch, scaler, desc)
+        step_loss, train_out = _train_epoch(model, sets["train"], optimizer, cfg, device, epoch, scaler, desc)
         val_out = _predict(model, sets["val"], cfg, device, f"fold {data.fold} val")
         val_loss = _set_loss(cfg, val_out)
         val_ci = _cindex(val_out)
         row = {
             "epoch": epoch + 1,
-            "train_loss": train_loss,
+            # the validation loss's formula on the training patients, so the two compare
+            "train_loss": _set_loss(cfg, train_out),
+            "train_step_loss": step_loss,  # what the optimizer minimised (alpha, per group)
             "train_cindex": _cindex(train_out),
             "val_loss": val_loss,
             "val_cindex": val_ci,
@@ -492,70 +509,140 @@ def train_fold(
         history.append(row)
         monitored = _monitored(cfg, val_loss, val_ci)
         if stopper.update(epoch, monitored):
-            _atomic_save(model.state_dict(), best_path)
+            save_checkpoint(best_path, kind="best", run_id=run_id, fold=data.fold, epoch=epoch,
+                            model=model.state_dict())
         scheduler.step(monitored)
         log.info(
             "fold %d epoch %d: train loss %.4f c %.3f | val loss %.4f c %.3f | lr %.2e | %.1fs%s",
-            data.fold, epoch + 1, train_loss, row["train_cindex"], val_loss, val_ci, row["lr"],
-            row["seconds"], " *" if stopper.best_epoch == epoch else "",
+            data.fold, epoch + 1, row["train_loss"], row["train_cindex"], val_loss, val_ci,
+            row["lr"], row["seconds"], " *" if stopper.best_epoch == epoch else "",
         )
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "stopper": vars(stopper).copy(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "history": history,
-                "epoch": epoch,
-                "rng": _rng_state(),
-            },
-            last_path,
-        )
+        _save_last(last_path, run_id, data.fold, epoch, model, optimizer, scheduler, stopper,
+                   scaler, history)
+        # (a NaN loss makes NaN gradients and so NaN weights; fp16 overflow steps are skipped)
+        if not _finite_weights(model):
+            diverged = f"training diverged in epoch {epoch + 1} (weights became NaN or inf)"
+            log.warning("fold %d: %s; training stopped", data.fold, diverged)
+            break
         if stopper.stop:
             log.info("fold %d: early stop after epoch %d (best %d)", data.fold, epoch + 1,
                      stopper.best_epoch + 1)
             break
 
-    if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     result: dict[str, Any] = {
         "fold": data.fold,
+        "status": "ok",
         "best_epoch": stopper.best_epoch + 1,
         "epochs_run": len(history),
         "history": history,
         "bin_edges": list(data.labels.attrs["bin_edges"]),
+        "run_id": run_id,
     }
+    try:
+        result.update(_evaluate_best(cfg, data, model, best_path, stopper, device, run_id))
+    except FoldFailed as err:
+        reason = f"{err}" + (f"; {diverged}" if diverged else "")
+        log.error("fold %d failed: %s", data.fold, reason)
+        result.update(status="failed", reason=reason, best_epoch=0)
+    with atomic_write(fold_dir / "result.json") as f:
+        json.dump(_jsonable(result), f, indent=1)
+    return result
+
+
+def _save_last(
+    path: Path, run_id: str, fold: int, epoch: int, model: nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: Any, stopper: _EarlyStop,
+    scaler: torch.amp.GradScaler | None, history: list[dict[str, float]],
+) -> None:
+    """The resumable state after ``epoch`` (0-based)."""
+    save_checkpoint(
+        path, kind="last", run_id=run_id, fold=fold, epoch=epoch, model=model.state_dict(),
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        stopper=vars(stopper).copy(), scaler=scaler.state_dict() if scaler is not None else None,
+        history=history, rng=rng_state(),
+    )
+
+
+def _evaluate_best(
+    cfg: TrainConfig, data: FoldData, model: nn.Module, best_path: Path, stopper: _EarlyStop,
+    device: torch.device, run_id: str,
+) -> dict[str, Any]:
+    """Metrics and prediction rows of the fold's best weights on train, val and test.
+
+    The training patients' outputs come first: they are the censoring reference of the IPCW
+    metrics and give the median risk that splits every part into risk groups.
+
+    Raises:
+        FoldFailed: no epoch had a finite monitored value, or the best weights predict NaN/inf.
+    """
+    if stopper.best_epoch < 0:
+        raise FoldFailed(f"no epoch had a finite validation {cfg.monitor_metrics}")
+    state = load_checkpoint(best_path, kind="best", run_id=run_id, fold=data.fold)
+    if state["epoch"] != stopper.best_epoch:
+        raise CheckpointError(f"{best_path}: holds epoch {state['epoch'] + 1}, the best epoch is "
+                              f"{stopper.best_epoch + 1}; delete the fold{data.fold} folder and "
+                              f"train fold {data.fold} again")
+    model.load_state_dict(state["model"])
+    outputs = {name: _predict(model, ds, cfg, device, f"fold {data.fold} eval {name}")
+               for name, ds in data.datasets.items()}
+    for name, out in outputs.items():
+        bad = int((~torch.isfinite(out.out)).any(dim=1).sum())
+        if bad:
+            raise FoldFailed(f"the best weights (epoch {stopper.best_epoch + 1}) predict NaN or "
+                             f"inf for {bad} of {len(out.patient_ids)} {name} patients")
+    train = outputs["train"]
+    train_lab = train.label.numpy()
+    train_median = float(np.median(train.risk))
+    result: dict[str, Any] = {"train_risk_median": train_median}
     rows = []
-    for name, ds in sets.items():
-        outputs = _predict(model, ds, cfg, device, f"fold {data.fold} eval {name}")
-        result[name] = _metrics(cfg, outputs, data.labels)
-        rows.extend(_prediction_rows(cfg, data.fold, name, outputs))
+    for name, out in outputs.items():
+        result[name] = _metrics(cfg, out, data.labels, train_lab, train.risk)
+        rows.extend(_prediction_rows(cfg, data.fold, name, out, train_median))
     result["predictions"] = rows
-    (fold_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
 
 
 def _cindex(outputs: _Outputs) -> float:
+    """C-index of a set; NaN when an output is not finite (a diverging model)."""
     from dsca.metrics import concordance_index
 
+    if not bool(torch.isfinite(outputs.out).all()):
+        return float("nan")
     lab = outputs.label.numpy()
     return concordance_index(lab[:, _LABEL_T], lab[:, _LABEL_E], outputs.risk)
 
 
-def _metrics(cfg: TrainConfig, outputs: _Outputs, labels: pd.DataFrame) -> dict[str, float]:
+def _metrics(
+    cfg: TrainConfig, outputs: _Outputs, labels: pd.DataFrame, train_label: np.ndarray,
+    train_risk: np.ndarray,
+) -> dict[str, float]:
+    """All metrics of one part; the training patients are the censoring reference and their
+    median risk the threshold of the risk groups."""
     lab = outputs.label.numpy()
     survival = None if cfg.is_cox else survival_curve(outputs.out).numpy()
+    time, event = lab[:, _LABEL_T], lab[:, _LABEL_E]
     out = evaluate_predictions(
-        lab[:, _LABEL_T], lab[:, _LABEL_E], lab[:, _LABEL_YT], outputs.risk,
+        time, event, lab[:, _LABEL_YT], outputs.risk,
         survival=survival, bin_edges=np.asarray(labels.attrs["bin_edges"]),
         n_boot=cfg.eval_bootstrap,
+        train_time=train_label[:, _LABEL_T], train_event=train_label[:, _LABEL_E],
     )
+    out.update(_risk_group_metrics(time, event, split_at_training_median(train_risk, outputs.risk)))
     out["loss"] = _set_loss(cfg, outputs)
     return out
 
 
-def _prediction_rows(cfg: TrainConfig, fold: int, part: str, outputs: _Outputs) -> list[dict[str, Any]]:
+def _risk_group_metrics(time: np.ndarray, event: np.ndarray, high: np.ndarray) -> dict[str, float]:
+    """Log-rank p and hazard ratio (with 95% CI) of high vs low risk."""
+    _, p = logrank_test(time, event, high)
+    hr = hazard_ratio(time, event, high)
+    return {"n_high_risk": int(high.sum()), "logrank_p": p, "hazard_ratio": hr.hr,
+            "hazard_ratio_ci_low": hr.ci_low, "hazard_ratio_ci_high": hr.ci_high}
+
+
+def _prediction_rows(
+    cfg: TrainConfig, fold: int, part: str, outputs: _Outputs, train_median: float
+) -> list[dict[str, Any]]:
     lab = outputs.label.numpy()
     risk = outputs.risk
     extra = outputs.out.numpy() if cfg.is_cox else survival_curve(outputs.out).numpy()
@@ -563,7 +650,8 @@ def _prediction_rows(cfg: TrainConfig, fold: int, part: str, outputs: _Outputs) 
     rows = []
     for i, pid in enumerate(outputs.patient_ids):
         row = {"fold": fold, "split": part, "patient_id": pid, "t": float(lab[i, _LABEL_T]),
-               "e": int(lab[i, _LABEL_E]), "y_t": int(lab[i, _LABEL_YT]), "risk": float(risk[i])}
+               "e": int(lab[i, _LABEL_E]), "y_t": int(lab[i, _LABEL_YT]), "risk": float(risk[i]),
+               "risk_group": "high" if risk[i] > train_median else "low"}
         row.update({n: float(v) for n, v in zip(names, extra[i])})
         rows.append(row)
     return rows
@@ -591,17 +679,24 @@ def train_cross_validation(
     folds: Sequence[int] | None = None,
     device: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the folds, write the outputs (module docstring) and return the metrics.json content.
 
     Args:
         cfg: parsed configuration.
-        out_dir: output directory (created).
+        out_dir: output folder: empty or absent for a new run (see :mod:`dsca.rundir`).
         folds: fold numbers to run (default ``cfg.folds``).
         device: overrides ``cfg.device``.
-        resume: skip finished folds and continue the running fold from its last epoch.
+        resume: continue the run in ``out_dir``: finished folds are kept, the running fold
+            continues from its last epoch, other folds are added; the summary covers them all.
+        overwrite: replace the run in ``out_dir``.
+
+    Raises:
+        RunDirError, CheckpointError, ConfigError and the input errors of the labels, splits
+        and store, all before anything is trained (a checkpoint error: when its fold starts).
     """
-    from dsca.plots import plot_km, plot_training_curves
+    from dsca.plots import plot_training_curves
 
     out = Path(out_dir)
     folds = list(cfg.folds if folds is None else folds)
@@ -614,36 +709,85 @@ def train_cross_validation(
     fold_data = [build_fold_data(cfg, labels, k, p, store_slides, cache)
                  for k, p in zip(folds, split_paths)]
 
-    out.mkdir(parents=True, exist_ok=True)
-    with _log_to_file(out / "train.log", append=resume), _threads(cfg.num_threads):
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log.info("training %d fold(s) on %s; outputs in %s", len(folds), dev, out)
-        results = []
+    run = open_run_dir(out, cfg.to_dict(), resume=resume, overwrite=overwrite)
+    with _log_to_file(out / "train.log", append=run.resumed), _threads(cfg.num_threads):
+        with atomic_write(out / "config.yaml") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        log.info("training fold(s) %s on %s; outputs in %s", ",".join(map(str, folds)), dev, out)
         for data in fold_data:
-            fold_dir = out / f"fold{data.fold}"
-            done = fold_dir / "result.json"
-            if resume and done.is_file():
+            done = _read_result(run, data.fold)
+            if done is not None and done.get("status") == "ok":
                 log.info("fold %d: finished earlier, skipped", data.fold)
-                results.append(json.loads(done.read_text()))
                 continue
-            results.append(train_fold(cfg, data, fold_dir, dev, resume=resume))
+            if done is not None:
+                log.info("fold %d: failed earlier (%s); trained again", data.fold, done.get("reason"))
+            train_fold(cfg, data, run.fold_dir(data.fold), dev, run.run_id,
+                       resume=run.resumed and done is None)
+        results = _finished_results(run)
         report = _report(results)
-        preds = pd.DataFrame([r for res in results for r in res["predictions"]])
-        if cfg.save_prediction:
-            preds.to_csv(out / "predictions.csv", index=False)
+        preds = pd.DataFrame([r for res in results for r in res.get("predictions", [])])
+        if cfg.save_prediction and len(preds):
+            with atomic_write(out / "predictions.csv") as f:
+                preds.to_csv(f, index=False)
+        ok = [res for res in results if res["status"] == "ok"]
         plot_training_curves([res["history"] for res in results], [res["fold"] for res in results],
-                             out / "training_curves.png")
-        test = preds[preds["split"] == "test"]
-        if len(test):
-            p = plot_km(test["t"].to_numpy(), test["e"].to_numpy(), test["risk"].to_numpy(),
-                        out / "km_test.png")
-            report["summary"]["km_logrank_p"] = p
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(report), indent=1))
-        tmp.replace(out / "metrics.json")
-        log.info("test C-index %.3f +- %.3f over %d fold(s)", report["summary"]["test_cindex_mean"],
-                 report["summary"]["test_cindex_std"], len(results))
+                             [res["best_epoch"] for res in results], out / "training_curves.png",
+                             title=f"{out.name}: training curves")
+        report["summary"].update(_pooled_risk_groups(cfg, preds, out, len(ok)))
+        with atomic_write(out / "metrics.json") as f:
+            json.dump(_jsonable(report), f, indent=1)
+        s = report["summary"]
+        log.info("test C-index %.3f +- %.3f over %d fold(s)%s", s["test_cindex_mean"],
+                 s["test_cindex_std"], s["n_folds"],
+                 f"; {s['n_folds_failed']} fold(s) failed" if s["n_folds_failed"] else "")
         return report
+
+
+def _read_result(run: RunDir, fold: int) -> dict[str, Any] | None:
+    """The fold's result.json when this run wrote it; None when absent or another run's."""
+    path = run.fold_dir(fold) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable (%s); the fold is trained again", path, err)
+        return None
+    if not isinstance(result, dict) or result.get("run_id") != run.run_id or result.get("fold") != fold:
+        return None
+    return result
+
+
+def _finished_results(run: RunDir) -> list[dict[str, Any]]:
+    """Every fold of this run that has a result, in fold order."""
+    found = []
+    for entry in run.path.glob("fold*"):
+        if entry.is_dir() and entry.name[4:].isdigit():
+            result = _read_result(run, int(entry.name[4:]))
+            if result is not None:
+                found.append(result)
+    return sorted(found, key=lambda r: r["fold"])
+
+
+def _pooled_risk_groups(cfg: TrainConfig, preds: pd.DataFrame, out: Path, n_ok: int) -> dict[str, Any]:
+    """KM plot, log-rank and hazard ratio of the test patients of all folds, each placed in a
+    risk group by its own fold model's training median."""
+    from dsca.plots import plot_km
+
+    test = preds[preds["split"] == "test"] if len(preds) else preds
+    if not len(test):
+        return {}
+    time, event = test["t"].to_numpy(float), test["e"].to_numpy(int)
+    high = (test["risk_group"] == "high").to_numpy()
+    found = _risk_group_metrics(time, event, high)
+    hr = found["hazard_ratio"]
+    annotation = f"log-rank p = {found['logrank_p']:.2g}; HR {hr:.2f} " \
+                 f"({found['hazard_ratio_ci_low']:.2f}-{found['hazard_ratio_ci_high']:.2f})"
+    plot_km(time, event, high, out / "km_test.png", time_unit=cfg.time_unit,
+            title=f"{out.name}: test patients of {n_ok} fold(s), split at each fold model's "
+                  "training median risk",
+            annotation=annotation)
+    return {f"test_pooled_{k}": v for k, v in found.items()}
 
 
 def _open_store(cfg: TrainConfig) -> set[str]:
@@ -706,24 +850,33 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# Per-fold values that a mean over folds would misrepresent: counts, and interval bounds (the
+# mean of per-fold bounds is no interval of anything).
+_NOT_AVERAGED = frozenset({"n", "n_events", "n_high_risk", "cindex_boot_n", "cindex_ci_low",
+                           "cindex_ci_high", "hazard_ratio_ci_low", "hazard_ratio_ci_high"})
+
+
 def _report(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json content: mean/std over folds of every numeric metric of every part."""
-    summary: dict[str, Any] = {"n_folds": len(results)}
+    """metrics.json content: mean/std over the finished folds of every per-fold metric."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    failed = [{"fold": r["fold"], "reason": r.get("reason", "")} for r in results
+              if r.get("status") != "ok"]
+    summary: dict[str, Any] = {"n_folds": len(ok), "n_folds_failed": len(failed),
+                               "folds_run": [r["fold"] for r in ok]}
+    if failed:
+        summary["failed_folds"] = failed
     for part in ("test", "val", "train"):
-        have = [r[part] for r in results if r.get(part)]
-        if not have:
-            continue
-        for key in have[0]:
+        have = [r[part] for r in ok if r.get(part)]
+        keys = [k for k in (have[0] if have else {}) if k not in _NOT_AVERAGED]
+        for key in keys:
             vals = np.array([h[key] for h in have if h.get(key) is not None], dtype=float)
             vals = vals[np.isfinite(vals)]
-            if key in ("n", "n_events") or not len(vals):
+            if not len(vals):
                 continue
             # Population std over folds, as the reference reports it.
             summary[f"{part}_{key}_mean"] = float(vals.mean())
             summary[f"{part}_{key}_std"] = float(vals.std())
     if "test_cindex_mean" not in summary:
         summary["test_cindex_mean"] = summary["test_cindex_std"] = float("nan")
-    folds = [
-        {k: v for k, v in r.items() if k not in ("predictions",)} for r in results
-    ]
+    folds = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
     return {"summary": summary, "folds": folds}

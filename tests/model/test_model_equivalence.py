@@ -166,3 +166,35 @@ def test_training_step_under_bf16_autocast():
         assert torch.isfinite(p.grad).all(), name
         # (the bias before the pooling softmax shifts every logit: its gradient is exactly 0)
         assert p.grad.abs().sum() > 0 or name == "pool.fc2.bias", name
+
+
+def test_fused_norm_attend_in_training_mode_equals_unfused_ops(monkeypatch):
+    """Training mode (dropout on, gradients): the fused LayerNorm + ReLU + attend path gives
+    the values and gradients of the unfused ops under the same dropout masks, over more
+    blocks than one of its chunks."""
+    from dsca import layers
+
+    cfg, model, _ = _build(VARIANTS["default"])
+    x20, x5, coords = _inputs(B=1, N=layers._NORM_CHUNK + 20, D=32, seed=5)
+    fused_calls = []
+    real_fused = layers.CAPoolEmbedding._norm_pool_fused
+    monkeypatch.setattr(layers.CAPoolEmbedding, "_norm_pool_fused",
+                        lambda self, *a: fused_calls.append(1) or real_fused(self, *a))
+
+    def step():
+        torch.manual_seed(7)
+        out = model.train()(x20, x5, coords)
+        return out, torch.autograd.grad(out.square().sum(), list(model.parameters()))
+
+    out_fused, grads_fused = step()
+    assert fused_calls, "the fused path did not run"
+    monkeypatch.setattr(layers.CAPoolEmbedding, "_fuse_norm_pool", lambda self, x20: False)
+    fused_calls.clear()
+    out_plain, grads_plain = step()
+    assert not fused_calls
+    with torch.no_grad():
+        out_eval = model.eval()(x20, x5, coords)
+    assert not torch.allclose(out_fused, out_eval, atol=1e-4)  # dropout was on
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-6, rtol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

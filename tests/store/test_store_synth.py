@@ -225,7 +225,7 @@ def test_demo_reruns_into_the_same_folder(tmp_path, monkeypatch, capsys):
     from dsca.cli.dsca_main import main as dsca_main
 
     monkeypatch.chdir(tmp_path)
-    args = ["demo", "--out", "dsca-demo", "--patients", "10", "--epochs", "1", "--folds", "0", "--no-control"]
+    args = ["demo", "--out", "dsca-demo", "--patients", "30", "--epochs", "1", "--folds", "0", "--no-control"]
     assert dsca_main(args) == 0
     assert is_synth_cohort(tmp_path / "dsca-demo" / "cohort")
     assert dsca_main(args) == 0

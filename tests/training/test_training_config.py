@@ -61,12 +61,80 @@ def test_unknown_key_suggests_closest(key, suggestion):
         ({"lr": "fast"}, "lr = 'fast' is not a number"),
         ({"dropout": 1.5}, "model configuration.*dropout"),
         ({"num_patch_sampling": 100}, "num_patch_sampling"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"reg_l1": -1}, "reg_l1 must be >= 0"),
+        ({"es_patience": -3}, "es_patience must be >= 1"),
+        ({"eval_bootstrap": -1}, "eval_bootstrap must be >= 0"),
+        ({"lr_factor": 2}, "lr_factor must be in \\(0.0, 1.0\\)"),
+        ({"lr_patience": -1}, "lr_patience must be >= 0"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"epochs": 2.5}, "epochs = 2.5 must be a whole number"),
+        ({"num_workers": -2}, "num_workers must be >= 0"),
+        ({"alpha": True}, "alpha = True is not a number"),
+        ({"lr": float("nan")}, "lr = nan must be finite"),
+        ({"opt_betas": [0.9]}, "opt_betas must be two numbers"),
+        ({"opt_betas": [0.9, 1.5]}, "opt_betas must be two numbers in \\[0, 1\\)"),
+        ({"folds": [0, 0]}, "folds: fold 0 given more than once"),
+        ({"folds": [0, -1]}, "-1 is not a non-negative whole number"),
+        ({"save_prediction": "yes"}, "save_prediction must be true or false"),
+        ({"bins": 3, "dims": "32-16-16-3"}, None),  # bins is bins_discrete, never ignored
     ],
 )
 def test_bad_values(extra, message):
     raw = {"store": "x", "labels": "y", "splits": "z{}", "dims": "32-16-16-4", "tra_nhead": 2, **extra}
+    if message is None:
+        assert parse_config(raw).bins == extra["bins"]
+        return
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
+
+
+@pytest.mark.parametrize(("key", "meant"), [("learning_rate", "lr"), ("max_epochs", "epochs"),
+                                            ("optimizer", "opt"), ("patience", "es_patience")])
+def test_keys_of_other_tools_suggest_ours(key, meant):
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+        parse_config({"store": "x", "labels": "y", "splits": "z{}", key: 1})
+
+
+def test_folds_flag_errors_name_the_flag(small_config, tmp_path, capsys):
+    from dsca.cli.dsca_main import main
+
+    for bad in ("a,b", "0,0", "1,,2", ""):
+        assert main(["train", "--config", str(small_config()), "--out", str(tmp_path / "o"),
+                     "--folds", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dsca train: error: --folds:"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_init_writes_a_config_with_every_key_that_parses_to_the_defaults(tmp_path, capsys):
+    """`dsca init`: every key dsca train reads (the reference's aliases aside), commented,
+    parsing to exactly the defaults; an existing file is kept."""
+    from dataclasses import fields
+
+    from dsca.cli.dsca_main import main
+    from dsca.config import TrainConfig, valid_keys
+    from dsca.model import ModelConfig
+
+    out = tmp_path / "config.yaml"
+    assert main(["init", "--out", str(out), "--store", "c.zarr", "--labels", "l.csv",
+                 "--splits", "s/f{}.npz"]) == 0
+    text = out.read_text()
+    raw = yaml.safe_load(text)
+    own = {f.name for f in fields(TrainConfig)} - {"model", "source", "bins"}
+    assert own | ModelConfig.yaml_keys() | {"bins_discrete"} == set(raw)
+    assert set(raw) <= valid_keys()
+    lines = text.splitlines()
+    for key in raw:  # each key has its comment right above it
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        assert lines[at - 1].startswith("# ") and lines[at - 1][2:].strip(), key
+    cfg = load_config(out)
+    default = parse_config({"store": "c.zarr", "labels": "l.csv", "splits": "s/f{}.npz"})
+    assert cfg.to_dict() | {"source": "", "store": "", "labels": "", "splits": ""} == \
+        default.to_dict() | {"source": "", "store": "", "labels": "", "splits": ""}
+    assert cfg.store == tmp_path / "c.zarr"
+    assert main(["init", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
 
 
 def test_cox_head_and_fold_train_bins():

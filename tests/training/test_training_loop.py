@@ -12,7 +12,7 @@ from dsca import build_model
 from dsca.cli.dsca_main import main
 from dsca.config import load_config, parse_config
 from dsca.labels import load_labels, rebin
-from dsca.losses import cox_nll, discrete_nll, l1_penalty
+from dsca.losses import discrete_nll, l1_penalty
 from dsca.splits import load_split
 from dsca.train import accumulate_group, train_cross_validation
 
@@ -25,9 +25,24 @@ def _patients(n, seed=0, d=32):
         x20 = torch.randn(1, 16 * blocks, d, generator=g)
         x5 = torch.randn(1, blocks, d, generator=g)
         coords = torch.stack([torch.arange(blocks), torch.zeros(blocks, dtype=torch.long)], 1)[None]
-        label = torch.tensor([10.0 * (i + 1), float(i % 3 != 0), float(i % 4), float(i % 3 == 0)])
+        # times tie in pairs, censored patients among them: the Cox risk sets must hold them
+        label = torch.tensor([10.0 * (i // 2 + 1), float(i % 3 != 0), float(i % 4), float(i % 3 == 0)],
+                             dtype=torch.float64)
         out.append((x20, x5, coords, label))
     return out
+
+
+def _efron_nll_by_loops(eta, event, time):
+    """-log Efron partial likelihood / B, term by term (independent of dsca.losses)."""
+    total = eta.new_zeros(())
+    for t in sorted({float(v) for v, e in zip(time, event) if e}):
+        dead = [i for i in range(len(eta)) if event[i] and float(time[i]) == t]
+        risk = [j for j in range(len(eta)) if float(time[j]) >= t]
+        at_risk = sum(torch.exp(eta[j]) for j in risk)
+        tied = sum(torch.exp(eta[i]) for i in dead)
+        for k, i in enumerate(dead):
+            total = total + eta[i] - torch.log(at_risk - k / len(dead) * tied)
+    return -total / len(eta)
 
 
 @pytest.mark.parametrize("loss", ["survmle", "survple"])
@@ -36,7 +51,7 @@ def test_per_patient_backward_equals_group_loss(loss):
     dims = "32-16-16-1" if loss == "survple" else "32-16-16-4"
     cfg = parse_config({"store": "x", "labels": "y", "splits": "z{}", "dims": dims, "tra_nhead": 2,
                         "dropout": 0.3, "loss": loss, "alpha": 0.1, "reg_l1": 1e-3})
-    patients = _patients(5)
+    patients = _patients(6)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -51,7 +66,7 @@ def test_per_patient_backward_equals_group_loss(loss):
     out = torch.cat([model(x20, x5, c) for x20, x5, c, _ in patients])
     lab = torch.stack([p[3] for p in patients])
     if loss == "survple":
-        ref = cox_nll(out, lab[:, 1], lab[:, 0])
+        ref = _efron_nll_by_loops(out[:, 0], lab[:, 1], lab[:, 0])
     else:
         ref = discrete_nll(out, lab[:, 2], lab[:, 3], alpha=0.1)
     (ref + l1_penalty(model.parameters(), 1e-3)).backward()
@@ -70,7 +85,7 @@ def test_train_writes_outputs_and_is_reproducible(small_config, tmp_path):
     cfg = load_config(small_config())
     a = train_cross_validation(cfg, tmp_path / "a")
     out = tmp_path / "a"
-    for name in ("metrics.json", "predictions.csv", "train.log", "config.yaml",
+    for name in ("metrics.json", "predictions.csv", "train.log", "config.yaml", "run.json",
                  "training_curves.png", "km_test.png", "fold0/best.pt", "fold1/result.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -82,7 +97,17 @@ def test_train_writes_outputs_and_is_reproducible(small_config, tmp_path):
         assert f["test"]["cindex_ci_low"] <= f["test"]["cindex"] <= f["test"]["cindex_ci_high"]
         assert len(f["history"]) == 2
     preds = pd.read_csv(out / "predictions.csv")
-    assert list(preds.columns[:7]) == ["fold", "split", "patient_id", "t", "e", "y_t", "risk"]
+    assert list(preds.columns[:8]) == ["fold", "split", "patient_id", "t", "e", "y_t", "risk",
+                                       "risk_group"]
+    # each fold's groups: split at that fold model's median risk on its training patients
+    for fold, rows in preds.groupby("fold"):
+        median = rows.loc[rows["split"] == "train", "risk"].median()
+        assert metrics["folds"][fold]["train_risk_median"] == pytest.approx(median)
+        assert ((rows["risk"] > median) == (rows["risk_group"] == "high")).all()
+    s = metrics["summary"]
+    assert s["n_folds"] == 2 and s["n_folds_failed"] == 0
+    assert not any(k.startswith("test_cindex_ci_") for k in s)  # per-fold bounds: never averaged
+    assert 0 < s["test_pooled_logrank_p"] <= 1 and s["test_pooled_hazard_ratio"] > 0
     assert {"surv_1", "surv_4"} <= set(preds.columns)
     # every patient is tested exactly once over the 5 folds of the synthetic cohort; 2 run here
     assert preds.loc[preds["split"] == "test", "patient_id"].is_unique
@@ -92,37 +117,71 @@ def test_train_writes_outputs_and_is_reproducible(small_config, tmp_path):
     pd.testing.assert_frame_equal(preds, pd.read_csv(tmp_path / "b" / "predictions.csv"))
 
 
-def test_resume_continues_a_killed_fold(small_config, tmp_path):
-    full = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), tmp_path / "full")
-    # a run stopped after epoch 2 (its last.pt is what a kill after epoch 2 leaves behind)
+class _Killed(BaseException):
+    """Stands for the SIGKILL that ends a run right after a checkpoint."""
+
+
+def test_resume_continues_a_killed_fold(small_config, tmp_path, monkeypatch):
+    import dsca.train
+
+    cfg = load_config(small_config(epochs=3, folds=[0]))
+    full = train_cross_validation(cfg, tmp_path / "full")
+    # a run killed right after the last.pt of its epoch 2 was written
     run = tmp_path / "run"
-    train_cross_validation(load_config(small_config(epochs=2, folds=[0])), run)
-    (run / "fold0" / "result.json").unlink()
-    resumed = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), run, resume=True)
+    real_save = dsca.train._save_last
+
+    def save_then_die(path, run_id, fold, epoch, *args):
+        real_save(path, run_id, fold, epoch, *args)
+        if epoch == 1:
+            raise _Killed
+
+    monkeypatch.setattr(dsca.train, "_save_last", save_then_die)
+    with pytest.raises(_Killed):
+        train_cross_validation(cfg, run)
+    monkeypatch.undo()
+    # every checkpoint is plain tensors and values: it loads with weights_only
+    state = torch.load(run / "fold0" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["kind"] == "last" and "rng" in state
+    resumed = train_cross_validation(cfg, run, resume=True)
     assert [h["epoch"] for h in resumed["folds"][0]["history"]] == [1, 2, 3]
     assert "resumed after epoch 2" in (run / "train.log").read_text()
+
     def curve(report):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in report["folds"][0]["history"]]
 
     assert curve(resumed) == curve(full)
     assert _summary_keys(resumed) == pytest.approx(_summary_keys(full))
     # a finished fold is skipped on resume
-    again = train_cross_validation(load_config(small_config(epochs=3, folds=[0])), run, resume=True)
+    again = train_cross_validation(cfg, run, resume=True)
     assert _summary_keys(again) == pytest.approx(_summary_keys(full))
     assert "fold 0: finished earlier, skipped" in (run / "train.log").read_text()
 
 
 def test_cox_head(small_config, tmp_path):
-    # also: DataLoader worker processes, as the reference config asks for (num_workers: 8)
-    cfg = load_config(small_config(dims="32-16-16-1", loss="survple", folds=[2], epochs=1,
+    """The Cox head trains (also through DataLoader worker processes, as the reference config
+    asks for with num_workers: 8), ranks by its log hazard, and its reported test metrics are
+    those of its saved predictions, recomputed by scikit-survival."""
+    sksurv_metrics = pytest.importorskip("sksurv.metrics")
+    cfg = load_config(small_config(dims="32-16-16-1", loss="survple", folds=[2], epochs=2,
                                    bp_every_iters=6, num_workers=1))
     report = train_cross_validation(cfg, tmp_path / "cox")
-    assert 0.0 <= report["folds"][0]["test"]["cindex"] <= 1.0
-    assert "log_hazard" in pd.read_csv(tmp_path / "cox" / "predictions.csv").columns
+    preds = pd.read_csv(tmp_path / "cox" / "predictions.csv")
+    assert (preds["risk"] == preds["log_hazard"]).all()
+    test = preds[preds["split"] == "test"]
+    c = sksurv_metrics.concordance_index_censored(test["e"].to_numpy(bool), test["t"].to_numpy(float),
+                                                   test["risk"].to_numpy(float))[0]
+    assert report["folds"][0]["test"]["cindex"] == pytest.approx(c, abs=1e-12)
+    val = preds[preds["split"] == "val"]
+    val_loss = _efron_nll_by_loops(torch.tensor(val["risk"].to_numpy()), val["e"].to_numpy(),
+                                   val["t"].to_numpy())
+    assert report["folds"][0]["val"]["loss"] == pytest.approx(float(val_loss), rel=1e-5)
 
 
-def test_cut_points_from_training_patients(small_config, tmp_path, synth_cohort):
-    cfg = load_config(small_config(bin_cut="train", folds=[2], epochs=1))
+def test_cut_points_from_training_patients_by_default(small_config, tmp_path, synth_cohort):
+    """bin_cut: train (the default) cuts the bins on each fold's training patients; cohort
+    cuts them on every patient, as the reference."""
+    cfg = load_config(small_config(folds=[2], epochs=1))
+    assert cfg.bin_cut == "train"
     report = train_cross_validation(cfg, tmp_path / "fold_bins")
     labels = load_labels(synth_cohort.labels_csv)
     fold_labels = rebin(labels, load_split(synth_cohort.splits[2]).train)
@@ -130,6 +189,9 @@ def test_cut_points_from_training_patients(small_config, tmp_path, synth_cohort)
     assert report["folds"][0]["bin_edges"] != pytest.approx(labels.attrs["bin_edges"])
     preds = pd.read_csv(tmp_path / "fold_bins" / "predictions.csv").set_index("patient_id")
     assert (preds["y_t"] == fold_labels.loc[preds.index, "y_t"]).all()
+    cohort = train_cross_validation(load_config(small_config(folds=[2], epochs=1, bin_cut="cohort")),
+                                    tmp_path / "cohort_bins")
+    assert cohort["folds"][0]["bin_edges"] == pytest.approx(labels.attrs["bin_edges"])
 
 
 def test_cli_train_and_bad_inputs(small_config, tmp_path, capsys, synth_cohort):
