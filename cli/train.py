@@ -101,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
         log.debug("dsca train failed", exc_info=True)  # the traceback with -v
         print(f"dsca train: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, no permission, a file where a folder should be
+        log.debug("dsca train failed", exc_info=True)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"dsca train: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     s = report["summary"]
     mean, std = s["test_cindex_mean"], s["test_cindex_std"]
     print(f"test C-index {mean:.3f} +- {std:.3f} over {s['n_folds']} fold(s); outputs in {out}")

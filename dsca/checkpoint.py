@@ -31,6 +31,12 @@ _FORMAT = "dsca-checkpoint"
 _VERSION = 1
 
 
+_REQUIRED = {
+    "best": ("model", "epoch"),
+    "last": ("model", "epoch", "optimizer", "scheduler", "stopper", "scaler", "history", "rng"),
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and what to do."""
 
@@ -68,6 +74,9 @@ def load_checkpoint(path: Path, *, kind: str, run_id: str, fold: int) -> dict[st
     if state.get("version") != _VERSION or state.get("kind") != kind:
         raise CheckpointError(f"{path}: a {state.get('kind')!r} checkpoint of format version "
                               f"{state.get('version')}, expected {kind!r} version {_VERSION}; {what}")
+    missing = [k for k in _REQUIRED[kind] if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: a {kind} checkpoint without {', '.join(missing)}; {what}")
     if state.get("run_id") != run_id or state.get("fold") != fold:
         raise CheckpointError(f"{path}: written by another run (run {state.get('run_id')}, fold "
                               f"{state.get('fold')}), not this one; {what}")

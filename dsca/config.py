@@ -232,7 +232,13 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
 
     folds = parse_folds(raw.get("folds", [0, 1, 2, 3, 4]), f"{source}: folds")
     splits = need("splits")
-    splits = resolve(splits) if isinstance(splits, str) else [resolve(s) for s in splits]
+    if isinstance(splits, str):
+        splits = resolve(splits)
+    elif isinstance(splits, list) and splits and all(isinstance(s, str) for s in splits):
+        splits = [resolve(s) for s in splits]
+    else:
+        raise ConfigError(f"{source}: splits must be a path pattern with {{}} or a list of paths, "
+                          f"got {splits!r}")
 
     try:
         labels_map = parse_labels_map(raw.get("labels_map"))
@@ -307,20 +313,26 @@ def _number(value: Any, key: str, source: str, kind: type) -> Any:
         raise ConfigError(f"{source}: {key} = {value!r} is not a number")
     try:
         number = float(value)
-    except ValueError:
-        raise ConfigError(f"{source}: {key} = {value!r} is not a number") from None
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{source}: {key} = {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: {key} = {value!r} must be finite")
     if kind is int:
         if not number.is_integer():
             raise ConfigError(f"{source}: {key} = {value!r} must be a whole number")
         return int(number)
-    if not math.isfinite(number):
-        raise ConfigError(f"{source}: {key} = {value!r} must be finite")
     return number
+
+
+# Keys whose value may be null (the others need a value of their type).
+_NULLABLE = {"es_patience", "opt_eps", "opt_momentum"}
 
 
 def _coerce(value: Any, key: str, source: str) -> Any:
     if value is None:
-        return None
+        if key in _NULLABLE:
+            return None
+        raise ConfigError(f"{source}: {key} needs a value (null is not allowed)")
     if key in _FLOATS:
         value = _number(value, key, source, float)
     elif key in _INTS:
@@ -395,6 +407,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"{s}: bins_discrete must be >= 2, got {cfg.bins}")
     if not cfg.time_unit.strip():
         raise ConfigError(f"{s}: time_unit must not be empty")
+    if cfg.es_warmup >= cfg.epochs:
+        raise ConfigError(f"{s}: es_warmup ({cfg.es_warmup}) must be below epochs ({cfg.epochs}): "
+                          "no epoch after the warm-up could be the best")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def time_dependent_auc(
             return float("nan")
         tpr = np.concatenate([[0.0], tp / tp[-1]])
         fpr = np.concatenate([[0.0], fp / fp[-1]])
-        scores[k] = float(np.trapezoid(tpr, fpr))
+        scores[k] = _trapezoid(tpr, fpr)
     if len(times) == 1:
         return float(scores[0])
     km = kaplan_meier(time, event)
@@ -377,7 +377,7 @@ def integrated_brier_score(
         return float("nan")
     bs = brier_scores(time, event, survival_at(survival, bin_edges, times), times,
                       train_time, train_event)
-    return float(np.trapezoid(bs, times) / (times[-1] - times[0]))
+    return _trapezoid(bs, times) / float(times[-1] - times[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,9 +536,17 @@ def evaluate_predictions(
     return out
 
 
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoid-rule integral of y over x (numpy < 2 has no ``np.trapezoid``)."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
 def _as_arrays(time, event, risk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     time = np.asarray(time, dtype=np.float64).reshape(-1)
-    event = np.asarray(event).reshape(-1).astype(int)
+    raw_event = np.asarray(event).reshape(-1)
+    if raw_event.dtype != bool and not np.isin(raw_event, (0, 1)).all():
+        raise ValueError(f"event must be 0 (censored) or 1 (event), got {np.unique(raw_event)[:5].tolist()}")
+    event = raw_event.astype(int)
     risk = np.asarray(risk, dtype=np.float64).reshape(-1)
     if not (len(time) == len(event) == len(risk)):
         raise ValueError(f"length mismatch: time {len(time)}, event {len(event)}, risk {len(risk)}")

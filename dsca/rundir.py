@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Any
 
 from dsca.atomic import atomic_write
 
-__all__ = ["RunDir", "RunDirError", "open_run_dir", "RUN_FILE"]
+__all__ = ["RunDir", "RunDirError", "open_run_dir", "RUN_FILE", "NEXT_BEST"]
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+NEXT_BEST = "best.next.pt"  # a new best checkpoint until its epoch's last.pt is written
 _FORMAT = "dsca-run"
 _VERSION = 1
 # Configuration keys that may differ when a run is continued: where and how fast it runs,
@@ -37,8 +37,10 @@ _MAY_CHANGE = frozenset({"folds", "device", "num_workers", "num_threads", "cache
 # What a run writes at its top level (``fold<k>/`` folders aside).
 _RUN_FILES = frozenset({RUN_FILE, "metrics.json", "predictions.csv", "train.log", "config.yaml",
                         "training_curves.png", "km_test.png"})
-_FOLD_FILES = frozenset({"best.pt", "last.pt", "result.json"})
-_FOLD_DIR = re.compile(r"fold\d+")
+_FOLD_FILES = frozenset({"best.pt", "last.pt", "result.json", NEXT_BEST})
+_FOLD_DIR = re.compile(r"fold(0|[1-9]\d*)")
+# the temp files of dsca.atomic for any of the above (a kill -9 can strand one)
+_TEMP = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")
 
 
 class RunDirError(ValueError):
@@ -55,6 +57,11 @@ class RunDir:
 
     def fold_dir(self, fold: int) -> Path:
         return self.path / f"fold{fold}"
+
+    def folds(self) -> list[int]:
+        """Numbers of the fold folders present, ascending."""
+        return sorted(int(m.group(1)) for p in self.path.iterdir()
+                      if (m := _FOLD_DIR.fullmatch(p.name)) and p.is_dir())
 
 
 def open_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> RunDir:
@@ -79,7 +86,7 @@ def open_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrite: 
             if changed:
                 raise RunDirError(
                     f"{out}: the run was started with another configuration ("
-                    + "; ".join(f"{k}: {run['config'].get(k)!r} -> {config.get(k)!r}" for k in changed)
+                    + "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
                     + "); --resume needs the same config, or use --overwrite or another --out")
             return RunDir(out, run["run_id"], resumed=True)
     elif entries and not overwrite:
@@ -119,34 +126,46 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in _MAY_CHANGE}))
 
 
-def _changed_keys(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+def _changed_keys(saved: dict[str, Any], config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every key that differs; model keys by their own
+    names, as the YAML spells them."""
     now = _comparable(config)
-    changed = []
-    for key in sorted(set(saved) | set(now)):
-        if key in _MAY_CHANGE:
-            continue
-        if key == "model" and isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
-            changed += [k for k in sorted(set(saved[key]) | set(now[key]))
-                        if saved[key].get(k) != now[key].get(k)]
-        elif saved.get(key) != now.get(key):
-            changed.append(key)
-    return changed
+    flat_saved, flat_now = _flat(saved), _flat(now)
+    return [(k, flat_saved.get(k), flat_now.get(k)) for k in sorted(set(flat_saved) | set(flat_now))
+            if k not in _MAY_CHANGE and flat_saved.get(k) != flat_now.get(k)]
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    model = config.get("model")
+    rest = {k: v for k, v in config.items() if k != "model"}
+    return {**rest, **model} if isinstance(model, dict) else config
 
 
 def _remove_run_outputs(out: Path) -> None:
-    """Delete what a run wrote (regular files by name, fold folders holding only those)."""
+    """Delete what a run wrote: its files by name (and their stranded temp files), fold
+    folders emptied that way; ``run.json`` last, so that an interrupted removal can be
+    repeated."""
     kept = []
     for entry in sorted(out.iterdir()):
-        if entry.name in _RUN_FILES and entry.is_file() and not entry.is_symlink():
-            entry.unlink()
-        elif _FOLD_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-            foreign = [p.name for p in entry.iterdir()
-                       if p.name not in _FOLD_FILES or not p.is_file() or p.is_symlink()]
+        if entry.name == RUN_FILE:
+            continue
+        if _FOLD_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            foreign = [p.name for p in sorted(entry.iterdir()) if not _remove_own(p, _FOLD_FILES)]
             if foreign:
-                kept.append(f"{entry.name}/ (holds {', '.join(sorted(foreign)[:3])})")
-                continue
-            shutil.rmtree(entry)
-        else:
+                kept.append(f"{entry.name}/{', '.join(foreign[:3])}")
+            else:
+                entry.rmdir()
+        elif not _remove_own(entry, _RUN_FILES):
             kept.append(entry.name)
+    (out / RUN_FILE).unlink()
     if kept:
         log.warning("%s: --overwrite left what no run writes: %s", out, ", ".join(kept))
+
+
+def _remove_own(path: Path, names: frozenset[str]) -> bool:
+    """Unlink ``path`` if it is a regular file a run writes (or its temp file); True if so."""
+    temp = _TEMP.fullmatch(path.name)
+    if path.is_symlink() or not path.is_file() or not (path.name in names or (temp and temp.group(1) in names)):
+        return False
+    path.unlink()
+    return True

@@ -58,9 +58,15 @@ from dsca.checkpoint import CheckpointError, load_checkpoint, rng_state, save_ch
 from dsca.config import ConfigError, TrainConfig
 from dsca.labels import load_labels, patient_slides, rebin
 from dsca.losses import cox_nll, discrete_nll, l1_penalty, risk_score, survival_curve
-from dsca.metrics import evaluate_predictions, hazard_ratio, logrank_test, split_at_training_median
+from dsca.metrics import (
+    concordance_index,
+    evaluate_predictions,
+    hazard_ratio,
+    logrank_test,
+    split_at_training_median,
+)
 from dsca.optim import build_optimizer
-from dsca.rundir import RunDir, open_run_dir
+from dsca.rundir import NEXT_BEST, RunDir, open_run_dir
 from dsca.splits import Split, load_split, resolve_split_paths
 
 __all__ = ["train_cross_validation", "train_fold", "FoldData", "FoldFailed", "accumulate_group"]
@@ -90,8 +96,9 @@ class _Outputs:
 
     @property
     def risk(self) -> np.ndarray:
-        """[P] risk score (higher = shorter survival)."""
-        return risk_score(self.out).numpy()
+        """[P] risk score (higher = shorter survival), float64 so that every threshold and
+        rank computed from it agrees."""
+        return risk_score(self.out.double()).numpy()
 
 
 @dataclass
@@ -207,8 +214,6 @@ def build_fold_data(
     if "train" not in datasets or "val" not in datasets:
         raise ValueError(f"{split_path}: fold {fold} needs non-empty train and val patients")
     if cfg.monitor_metrics == "ci":
-        from dsca.metrics import concordance_index
-
         val = fold_labels.loc[split.val]
         if np.isnan(concordance_index(val["t"], val["e"], np.zeros(len(val)))):
             raise ValueError(
@@ -450,6 +455,9 @@ def train_fold(
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    # A new best epoch's weights wait here until that epoch's last.pt is written: a kill in
+    # between must not leave best.pt one epoch ahead of the state a resume continues from.
+    next_best = fold_dir / NEXT_BEST
     _seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.opt_eps, cfg.opt_betas)
@@ -475,10 +483,11 @@ def train_fold(
         history = state["history"]
         start = state["epoch"] + 1
         set_rng_state(state["rng"])
+        _settle_best(next_best, best_path, stopper.best_epoch, run_id, data.fold)
         log.info("fold %d: resumed after epoch %d", data.fold, start)
     else:
         # a fold started afresh (also one that failed before) keeps nothing of an earlier try
-        for stale in (last_path, best_path):
+        for stale in (last_path, best_path, next_best, fold_dir / "result.json"):
             stale.unlink(missing_ok=True)
 
     sets = data.datasets
@@ -508,8 +517,13 @@ def train_fold(
         }
         history.append(row)
         monitored = _monitored(cfg, val_loss, val_ci)
+        # (a NaN loss makes NaN gradients and so NaN weights; fp16 overflow steps are skipped)
+        if not _finite_weights(model):
+            diverged = f"training diverged in epoch {epoch + 1} (weights became NaN or inf)"
+            log.warning("fold %d: %s; training stopped", data.fold, diverged)
+            break  # nothing of this epoch is saved: a resume would diverge again
         if stopper.update(epoch, monitored):
-            save_checkpoint(best_path, kind="best", run_id=run_id, fold=data.fold, epoch=epoch,
+            save_checkpoint(next_best, kind="best", run_id=run_id, fold=data.fold, epoch=epoch,
                             model=model.state_dict())
         scheduler.step(monitored)
         log.info(
@@ -519,11 +533,7 @@ def train_fold(
         )
         _save_last(last_path, run_id, data.fold, epoch, model, optimizer, scheduler, stopper,
                    scaler, history)
-        # (a NaN loss makes NaN gradients and so NaN weights; fp16 overflow steps are skipped)
-        if not _finite_weights(model):
-            diverged = f"training diverged in epoch {epoch + 1} (weights became NaN or inf)"
-            log.warning("fold %d: %s; training stopped", data.fold, diverged)
-            break
+        _settle_best(next_best, best_path, stopper.best_epoch, run_id, data.fold)
         if stopper.stop:
             log.info("fold %d: early stop after epoch %d (best %d)", data.fold, epoch + 1,
                      stopper.best_epoch + 1)
@@ -547,6 +557,18 @@ def train_fold(
     with atomic_write(fold_dir / "result.json") as f:
         json.dump(_jsonable(result), f, indent=1)
     return result
+
+
+def _settle_best(next_best: Path, best_path: Path, best_epoch: int, run_id: str, fold: int) -> None:
+    """Make a waiting best checkpoint the fold's best.pt if its epoch is the recorded best
+    one (its last.pt was written), else drop it (the kill came before)."""
+    if not next_best.is_file():
+        return
+    state = load_checkpoint(next_best, kind="best", run_id=run_id, fold=fold)
+    if state["epoch"] == best_epoch:
+        next_best.replace(best_path)
+    else:
+        next_best.unlink()
 
 
 def _save_last(
@@ -592,20 +614,18 @@ def _evaluate_best(
                              f"inf for {bad} of {len(out.patient_ids)} {name} patients")
     train = outputs["train"]
     train_lab = train.label.numpy()
-    train_median = float(np.median(train.risk))
-    result: dict[str, Any] = {"train_risk_median": train_median}
+    result: dict[str, Any] = {"train_risk_median": float(np.median(train.risk))}
     rows = []
     for name, out in outputs.items():
-        result[name] = _metrics(cfg, out, data.labels, train_lab, train.risk)
-        rows.extend(_prediction_rows(cfg, data.fold, name, out, train_median))
+        high = split_at_training_median(train.risk, out.risk)
+        result[name] = _metrics(cfg, out, data.labels, train_lab, high)
+        rows.extend(_prediction_rows(cfg, data.fold, name, out, high))
     result["predictions"] = rows
     return result
 
 
 def _cindex(outputs: _Outputs) -> float:
     """C-index of a set; NaN when an output is not finite (a diverging model)."""
-    from dsca.metrics import concordance_index
-
     if not bool(torch.isfinite(outputs.out).all()):
         return float("nan")
     lab = outputs.label.numpy()
@@ -614,10 +634,10 @@ def _cindex(outputs: _Outputs) -> float:
 
 def _metrics(
     cfg: TrainConfig, outputs: _Outputs, labels: pd.DataFrame, train_label: np.ndarray,
-    train_risk: np.ndarray,
+    high: np.ndarray,
 ) -> dict[str, float]:
-    """All metrics of one part; the training patients are the censoring reference and their
-    median risk the threshold of the risk groups."""
+    """All metrics of one part; the training patients [M, 4] are the censoring reference;
+    ``high`` [P] the high-risk group."""
     lab = outputs.label.numpy()
     survival = None if cfg.is_cox else survival_curve(outputs.out).numpy()
     time, event = lab[:, _LABEL_T], lab[:, _LABEL_E]
@@ -627,7 +647,7 @@ def _metrics(
         n_boot=cfg.eval_bootstrap,
         train_time=train_label[:, _LABEL_T], train_event=train_label[:, _LABEL_E],
     )
-    out.update(_risk_group_metrics(time, event, split_at_training_median(train_risk, outputs.risk)))
+    out.update(_risk_group_metrics(time, event, high))
     out["loss"] = _set_loss(cfg, outputs)
     return out
 
@@ -641,7 +661,7 @@ def _risk_group_metrics(time: np.ndarray, event: np.ndarray, high: np.ndarray) -
 
 
 def _prediction_rows(
-    cfg: TrainConfig, fold: int, part: str, outputs: _Outputs, train_median: float
+    cfg: TrainConfig, fold: int, part: str, outputs: _Outputs, high: np.ndarray
 ) -> list[dict[str, Any]]:
     lab = outputs.label.numpy()
     risk = outputs.risk
@@ -651,7 +671,7 @@ def _prediction_rows(
     for i, pid in enumerate(outputs.patient_ids):
         row = {"fold": fold, "split": part, "patient_id": pid, "t": float(lab[i, _LABEL_T]),
                "e": int(lab[i, _LABEL_E]), "y_t": int(lab[i, _LABEL_YT]), "risk": float(risk[i]),
-               "risk_group": "high" if risk[i] > train_median else "low"}
+               "risk_group": "high" if high[i] else "low"}
         row.update({n: float(v) for n, v in zip(names, extra[i])})
         rows.append(row)
     return rows
@@ -760,13 +780,8 @@ def _read_result(run: RunDir, fold: int) -> dict[str, Any] | None:
 
 def _finished_results(run: RunDir) -> list[dict[str, Any]]:
     """Every fold of this run that has a result, in fold order."""
-    found = []
-    for entry in run.path.glob("fold*"):
-        if entry.is_dir() and entry.name[4:].isdigit():
-            result = _read_result(run, int(entry.name[4:]))
-            if result is not None:
-                found.append(result)
-    return sorted(found, key=lambda r: r["fold"])
+    found = (_read_result(run, fold) for fold in run.folds())
+    return [result for result in found if result is not None]
 
 
 def _pooled_risk_groups(cfg: TrainConfig, preds: pd.DataFrame, out: Path, n_ok: int) -> dict[str, Any]:
@@ -852,8 +867,11 @@ def _threads(n: int) -> Iterator[None]:
 
 # Per-fold values that a mean over folds would misrepresent: counts, and interval bounds (the
 # mean of per-fold bounds is no interval of anything).
+# p-values and hazard ratios have no meaningful arithmetic mean: they are reported per fold
+# and pooled (test_pooled_*).
 _NOT_AVERAGED = frozenset({"n", "n_events", "n_high_risk", "cindex_boot_n", "cindex_ci_low",
-                           "cindex_ci_high", "hazard_ratio_ci_low", "hazard_ratio_ci_high"})
+                           "cindex_ci_high", "hazard_ratio_ci_low", "hazard_ratio_ci_high",
+                           "logrank_p", "hazard_ratio"})
 
 
 def _report(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class PatientSample(NamedTuple):
         x20: [16N, D] high-res rows, block-major (row 16*i + 4*r + c).
         x5: [N, D] low-res rows.
         coords: [N, 2] int64 patient-level grid (dsca.coords.patient_grid).
-        label: [4] float32 (t, e, y_t, y_c); NaN without labels.
+        label: [4] float64 (t, e, y_t, y_c): decimal times exactly as in the labels; NaN without labels.
     """
 
     patient_id: str
@@ -61,7 +61,7 @@ class PatientDataset(Dataset):
         self.patient_slides = {p: list(s) for p, s in patient_slides.items()}
         self.dtype = dtype
         self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-        self._labels = np.full((len(self.patient_ids), len(LABEL_COLUMNS)), np.nan, dtype=np.float32)
+        self._labels = np.full((len(self.patient_ids), len(LABEL_COLUMNS)), np.nan, dtype=np.float64)
         if labels is not None:
             absent = [c for c in LABEL_COLUMNS if c not in labels.columns]
             if absent:
@@ -69,7 +69,7 @@ class PatientDataset(Dataset):
             unknown = [p for p in self.patient_ids if p not in labels.index]
             if unknown:
                 raise KeyError(f"patients without labels: {unknown[:5]}")
-            self._labels = labels.loc[self.patient_ids, list(LABEL_COLUMNS)].to_numpy(dtype=np.float32)
+            self._labels = labels.loc[self.patient_ids, list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
         self._store: FeatureStore | None = None
         self._pid = -1
         known = set(self.store.slide_ids)

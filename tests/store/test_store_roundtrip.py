@@ -134,7 +134,7 @@ def test_dataset_with_two_workers(synth_cohort, synth_store, context):
     np.testing.assert_array_equal(s.x20.numpy(), direct.x20.reshape(-1, 32))
     np.testing.assert_array_equal(s.x5.numpy(), direct.x5)
     np.testing.assert_array_equal(s.coords.numpy(), direct.coords)
-    np.testing.assert_array_equal(s.label.numpy(), labels.loc[pid, ["t", "e", "y_t", "y_c"]].to_numpy(np.float32))
+    np.testing.assert_array_equal(s.label.numpy(), labels.loc[pid, ["t", "e", "y_t", "y_c"]].to_numpy(np.float64))
     if context == "fork":
         assert torch.isnan(PatientDataset(synth_store, patients)[0].label).all()
         half = PatientDataset(synth_store, patients, dtype=torch.float16)[0]

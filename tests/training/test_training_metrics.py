@@ -115,3 +115,16 @@ def test_evaluate_predictions_informative_vs_random():
     assert good["td_auc"] > 0.65 and good["cindex_ci_low"] < good["cindex"] < good["cindex_ci_high"]
     assert good["ibs"] < rand["ibs"]
     assert good["n"] == n and good["n_events"] == e.sum() and good["cindex_boot_n"] == 50
+
+
+def test_survival_at_reads_the_bins_that_ended_by_hand():
+    """S(t) is the survival after the bins whose right edge is at or before t."""
+    from dsca.metrics import survival_at
+
+    got = survival_at(np.array([[0.9, 0.5]]), np.array([0.0, 1.0, 2.0]), [0.5, 0.999, 1.0, 1.5, 2.0, 9.0])
+    assert got.tolist() == [[1.0, 1.0, 0.9, 0.9, 0.5, 0.5]]
+
+
+def test_event_must_be_zero_or_one():
+    with pytest.raises(ValueError, match="event must be 0"):
+        concordance_index([1.0, 2.0], [0.5, 1], [0.0, 1.0])

@@ -62,9 +62,10 @@ def test_fold_subsets_added_with_resume_merge_into_one_summary(small_config, tmp
 def test_resume_refuses_a_changed_config_naming_the_keys(small_config, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(small_config(epochs=1, folds=[0]), out) == 0
-    assert _train(small_config(epochs=2, lr=0.5, folds=[0]), out, "--resume") == 2
+    assert _train(small_config(epochs=2, lr=0.5, dropout=0.5, folds=[0]), out, "--resume") == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "epochs: 1 -> 2" in err and "lr: 0.001 -> 0.5" in err
+    assert "dropout: 0.1 -> 0.5" in err  # a model key, by its YAML name
     # where it runs may change
     assert _train(small_config(epochs=1, folds=[0], num_threads=2), out, "--resume") == 0
 
@@ -94,26 +95,78 @@ def test_a_fold_with_nan_predictions_fails_alone(small_config, tmp_path, capsys,
     assert metrics["folds"][1]["status"] == "failed" and "test" not in metrics["folds"][1]
     assert isinstance(s["test_cindex_mean"], float)
     assert set(pd.read_csv(out / "predictions.csv")["fold"]) == {0}
+    # resumed without the fault: the failed fold is trained again, the finished one kept
+    monkeypatch.undo()
+    assert _train(small_config(epochs=2, folds=[0, 1]), out, "--resume") == 0
+    s = json.loads((out / "metrics.json").read_text())["summary"]
+    assert (s["n_folds"], s["n_folds_failed"]) == (2, 0)
+    assert "fold 1: failed earlier" in (out / "train.log").read_text()
 
 
-def test_a_fold_never_evaluates_another_runs_weights(small_config, tmp_path, monkeypatch):
-    """An earlier run's best.pt in the fold folder is not this run's: the new run, whose
-    model never improves, fails instead of reporting the old weights."""
+def test_a_fold_never_evaluates_another_runs_weights(small_config, tmp_path, capsys, monkeypatch):
+    """Another run's best.pt where this run's should be is refused by name, not evaluated."""
     import dsca.train
 
+    config = small_config(epochs=1, folds=[0])
+    assert _train(config, tmp_path / "a") == 0
+    foreign = (tmp_path / "a" / "fold0" / "best.pt").read_bytes()
+    real_save = dsca.train.save_checkpoint
+
+    def stale_best(path, *, kind, **state):
+        if kind == "best":  # this run's best write lost, the other run's file in its place
+            path.write_bytes(foreign)
+        else:
+            real_save(path, kind=kind, **state)
+
+    monkeypatch.setattr(dsca.train, "save_checkpoint", stale_best)
+    assert _train(config, tmp_path / "b") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best" in err[0] and "written by another run" in err[0]
+
+
+def test_a_kill_between_best_and_last_checkpoint_resumes_exactly(small_config, tmp_path, monkeypatch):
+    """Killed after a new best epoch's weights were written but before its last.pt: the
+    resumed run equals an uninterrupted one (the early best weights are not taken)."""
+    import dsca.train
+
+    cfg = load_config(small_config(epochs=3, folds=[0]))
+    full = train_cross_validation(cfg, tmp_path / "full")
+    real_save = dsca.train._save_last
+
+    def die_before_last(path, run_id, fold, epoch, *args):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real_save(path, run_id, fold, epoch, *args)
+
+    monkeypatch.setattr(dsca.train, "_save_last", die_before_last)
+    with pytest.raises(KeyboardInterrupt):
+        train_cross_validation(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    resumed = train_cross_validation(cfg, tmp_path / "run", resume=True)
+    strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["folds"][0]["history"]]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert resumed["folds"][0]["test"] == full["folds"][0]["test"]
+    assert not (tmp_path / "run" / "fold0" / "best.next.pt").exists()
+
+
+def test_resume_retrains_a_fold_whose_result_is_unreadable(small_config, tmp_path):
+    config = small_config(epochs=1, folds=[0])
     out = tmp_path / "run"
-    train_cross_validation(load_config(small_config(epochs=1, folds=[0])), out)
-    old_best = (out / "fold0" / "best.pt").read_bytes()
-    monkeypatch.setattr(dsca.train, "_set_loss", lambda cfg, outputs: float("nan"))
-    report = train_cross_validation(load_config(small_config(epochs=1, folds=[0])), out,
-                                    overwrite=True)
-    assert report["folds"][0]["status"] == "failed"
-    # and a planted checkpoint of another run is refused by name
-    (out / "fold0").mkdir(exist_ok=True)
-    (out / "fold0" / "best.pt").write_bytes(old_best)
-    run_id = json.loads((out / "run.json").read_text())["run_id"]
-    with pytest.raises(CheckpointError, match="written by another run"):
-        load_checkpoint(out / "fold0" / "best.pt", kind="best", run_id=run_id, fold=0)
+    assert _train(config, out) == 0
+    (out / "fold0" / "result.json").write_text("{ truncated")
+    assert _train(config, out, "--resume") == 0
+    assert json.loads((out / "metrics.json").read_text())["summary"]["n_folds"] == 1
+    assert "unreadable" in (out / "train.log").read_text()
+
+
+def test_overwrite_removes_stranded_temp_files_of_the_run(small_config, tmp_path):
+    config = small_config(epochs=1, folds=[0])
+    out = tmp_path / "run"
+    assert _train(config, out) == 0
+    (out / "fold0" / ".best.pt.0123456789ab.tmp").write_bytes(b"half")  # a kill -9 mid-save
+    (out / ".metrics.json.0123456789ab.tmp").write_bytes(b"half")
+    assert _train(config, out, "--overwrite") == 0
+    assert not list(out.rglob("*.tmp"))
 
 
 class _Planted:
