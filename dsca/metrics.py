@@ -170,7 +170,7 @@ def kaplan_meier(time: np.ndarray, event: np.ndarray, level: float = 0.95) -> Ka
     Returns:
         :class:`KaplanMeier` with arrays of length M + 1 for M distinct event times.
     """
-    time, event, _ = _as_arrays(time, event, np.zeros(len(time)))
+    time, event = _time_event(time, event)
     uniq, at_risk, deaths, _ = _counts(time, event)
     has = deaths > 0
     ts, n, d = uniq[has], at_risk[has], deaths[has]
@@ -218,13 +218,15 @@ class _CensoringKM:
         return _step_value(self.knots, self.values, t, before=1.0)
 
 
-def _censoring(time, event, train_time, train_event) -> _CensoringKM:
+def _censoring(
+    time: np.ndarray, event: np.ndarray, train_time: np.ndarray | None, train_event: np.ndarray | None
+) -> _CensoringKM:
+    """G fitted on the training patients, or on the evaluated set when none are given."""
     if (train_time is None) != (train_event is None):
         raise ValueError("give both train_time and train_event, or neither")
     if train_time is None:
         return _CensoringKM(time, event)
-    t, e, _ = _as_arrays(train_time, train_event, np.zeros(len(np.asarray(train_time).reshape(-1))))
-    return _CensoringKM(t, e)
+    return _CensoringKM(*_time_event(train_time, train_event))
 
 
 def _eval_times_inside(eval_times: np.ndarray, time: np.ndarray, metric: str) -> np.ndarray:
@@ -336,7 +338,7 @@ def brier_scores(
     Returns:
         [T] Brier scores. A weight whose censoring survival is 0 counts as 0 (as there).
     """
-    time, event, _ = _as_arrays(time, event, np.zeros(len(time)))
+    time, event = _time_event(time, event)
     g = _censoring(time, event, train_time, train_event)
     with np.errstate(divide="ignore"):
         inv_g_own = np.where(g(time) > 0, 1.0 / g(time), 0.0)
@@ -368,7 +370,7 @@ def integrated_brier_score(
         without an event (scikit-survival refuses such a set: the score would only grade
         the survival of the censored).
     """
-    time, event, _ = _as_arrays(time, event, np.zeros(len(time)))
+    time, event = _time_event(time, event)
     if not event.any():
         return float("nan")
     grid = np.unique(time[event == 1]) if eval_times is None else eval_times
@@ -399,7 +401,7 @@ def logrank_test(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tupl
     Returns:
         (chi-square statistic with 1 degree of freedom, p-value); NaNs if undefined.
     """
-    time, event, _ = _as_arrays(time, event, np.zeros(len(time)))
+    time, event = _time_event(time, event)
     g = np.asarray(group).astype(bool).reshape(-1)
     ts = np.unique(time[event == 1])
     if len(ts) == 0 or g.all() or not g.any():
@@ -443,7 +445,7 @@ def hazard_ratio(
 
     from dsca.losses import cox_nll
 
-    time, event, _ = _as_arrays(time, event, np.zeros(len(time)))
+    time, event = _time_event(time, event)
     x = np.asarray(group, dtype=float).reshape(-1)
     nan = HazardRatio(float("nan"), float("nan"), float("nan"))
     if len(x) != len(time) or not event.any() or x.min() == x.max():
@@ -541,17 +543,25 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _as_arrays(time, event, risk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _time_event(time, event) -> tuple[np.ndarray, np.ndarray]:
+    """[N] float64 finite times and [N] int 0/1 events, checked."""
     time = np.asarray(time, dtype=np.float64).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if raw_event.dtype != bool and not np.isin(raw_event, (0, 1)).all():
         raise ValueError(f"event must be 0 (censored) or 1 (event), got {np.unique(raw_event)[:5].tolist()}")
-    event = raw_event.astype(int)
-    risk = np.asarray(risk, dtype=np.float64).reshape(-1)
-    if not (len(time) == len(event) == len(risk)):
-        raise ValueError(f"length mismatch: time {len(time)}, event {len(event)}, risk {len(risk)}")
-    if not np.all(np.isfinite(risk)):
-        raise ValueError("risk contains NaN or inf")
+    if len(time) != len(raw_event):
+        raise ValueError(f"length mismatch: time {len(time)}, event {len(raw_event)}")
     if not np.all(np.isfinite(time)):
         raise ValueError("time contains NaN or inf")
+    return time, raw_event.astype(int)
+
+
+def _as_arrays(time, event, risk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_time_event` plus [N] finite float64 risks."""
+    time, event = _time_event(time, event)
+    risk = np.asarray(risk, dtype=np.float64).reshape(-1)
+    if len(risk) != len(time):
+        raise ValueError(f"length mismatch: time {len(time)}, risk {len(risk)}")
+    if not np.all(np.isfinite(risk)):
+        raise ValueError("risk contains NaN or inf")
     return time, event, risk

@@ -522,7 +522,8 @@ def train_fold(
             diverged = f"training diverged in epoch {epoch + 1} (weights became NaN or inf)"
             log.warning("fold %d: %s; training stopped", data.fold, diverged)
             break  # nothing of this epoch is saved: a resume would diverge again
-        if stopper.update(epoch, monitored):
+        improved = stopper.update(epoch, monitored)
+        if improved:
             save_checkpoint(next_best, kind="best", run_id=run_id, fold=data.fold, epoch=epoch,
                             model=model.state_dict())
         scheduler.step(monitored)
@@ -533,7 +534,8 @@ def train_fold(
         )
         _save_last(last_path, run_id, data.fold, epoch, model, optimizer, scheduler, stopper,
                    scaler, history)
-        _settle_best(next_best, best_path, stopper.best_epoch, run_id, data.fold)
+        if improved:  # its last.pt is written: the waiting weights are the fold's best now
+            next_best.replace(best_path)
         if stopper.stop:
             log.info("fold %d: early stop after epoch %d (best %d)", data.fold, epoch + 1,
                      stopper.best_epoch + 1)
@@ -560,8 +562,8 @@ def train_fold(
 
 
 def _settle_best(next_best: Path, best_path: Path, best_epoch: int, run_id: str, fold: int) -> None:
-    """Make a waiting best checkpoint the fold's best.pt if its epoch is the recorded best
-    one (its last.pt was written), else drop it (the kill came before)."""
+    """On resume: make a waiting best checkpoint the fold's best.pt if its epoch is the
+    recorded best one (the kill came after its last.pt), else drop it (the kill came before)."""
     if not next_best.is_file():
         return
     state = load_checkpoint(next_best, kind="best", run_id=run_id, fold=fold)

@@ -34,6 +34,11 @@ def test_a_non_empty_output_folder_needs_resume_or_overwrite(small_config, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     assert _train(config, out) == 0
+    # --overwrite knows every file a run writes (its list lives in dsca.rundir)
+    from dsca.rundir import _FOLD_FILES, _RUN_FILES
+
+    assert {p.name for p in out.iterdir() if p.is_file()} <= _RUN_FILES
+    assert {p.name for p in (out / "fold0").iterdir()} <= _FOLD_FILES
     first = json.loads((out / "run.json").read_text())["run_id"]
     (out / "notes.txt").write_text("mine")
     assert _train(config, out, "--overwrite") == 0
