@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["discretize", "patient_grid"]
+__all__ = ["BLOCK", "SCALE", "discretize", "patient_grid"]
+
+#: Each x5 (level-2) patch covers a SCALE x SCALE square of x20 (level-1) patches: the 4x
+#: downsample between the two CLAM levels.
+SCALE = 4
+#: x20 rows per x5 patch, row ``SCALE * r + c`` of the block's grid.
+BLOCK = SCALE * SCALE
 
 
 def discretize(coords: np.ndarray) -> np.ndarray:

@@ -55,6 +55,7 @@ __all__ = [
     "assign_bins",
     "rebin",
     "patient_slides",
+    "LABEL_COLUMNS",
     "REQUIRED_COLUMNS",
     "WSI_EXTENSIONS",
 ]
@@ -62,6 +63,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("pathology_id", "patient_id", "t", "e")
+#: Per-patient label columns in the order training and the dataset hold them: time, event,
+#: discrete time bin, censoring indicator (1 - event).
+LABEL_COLUMNS = ("t", "e", "y_t", "y_c")
 _EDGE_PAD = 1e-5
 
 #: File extensions of whole-slide images that :func:`slide_key` strips (compared lower-case).
