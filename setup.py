@@ -16,7 +16,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dsca", "dsca.kernels", "dsca.store", "dsca.cli"],
+    packages=[
+        "dsca", "dsca.config", "dsca.labels", "dsca.layers", "dsca.metrics",
+        "dsca.kernels", "dsca.store", "dsca.cli",
+    ],
     package_dir={
         "dsca": "dsca",
         "dsca.kernels": "kernels",

@@ -25,7 +25,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from dsca.kernels import capool_folded, capool_plain
+from dsca.kernels import CAPoolWeights, capool, capool_folded, capool_plain
 
 C = 384
 HEADS = 4
@@ -41,16 +41,19 @@ _COMPILED = torch.compile(capool_folded, dynamic=False)
 _RESULTS: dict[str, dict[str, tuple[float, float | None, float]]] = {}
 
 
-def _impl(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    if name == "plain":
-        return capool_plain
-    if name == "folded":
-        return capool_folded
-    if name == "compiled":
-        return _COMPILED
-    from dsca.kernels.triton_capool import capool_triton
+def _triton(x20: Tensor, query: Tensor, w: CAPoolWeights) -> tuple[Tensor, Tensor]:
+    return capool(x20, query, w, backend="triton")
 
-    return capool_triton
+
+def _impl(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The formulation ``name`` as a function of (x20, query, 4 weight tensors, heads)."""
+    fn = {"plain": capool_plain, "folded": capool_folded, "compiled": _COMPILED,
+          "triton": _triton}[name]
+
+    def call(x20: Tensor, query: Tensor, *weights_and_heads) -> tuple[Tensor, Tensor]:
+        return fn(x20, query, CAPoolWeights(*weights_and_heads))
+
+    return call
 
 
 def _inputs(m: int, device: str, dtype: torch.dtype, grad: bool) -> list[Tensor]:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsca import build_model
-from dsca.model import ModelConfig, count_macs, count_parameters
+from dsca.costs import count_macs
+from dsca.model import ModelConfig, count_parameters
 
 N_PATCHES = 1000
 THREADS = 2

@@ -1,24 +1,23 @@
 """`dsca`: train, evaluate, profile and demo DSCA models.
 
-Each subcommand lives in its own module of this package exposing ``HELP`` (one line for
-the command list), ``DESCRIPTION`` and ``EXAMPLES`` (its --help), ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status).
+A registry of subcommand modules: each one (under dsca.cli) exposes the five members that
+dsca.cli._common describes; `build_parser` and `run_main` there assemble and run them, the
+same way as for `dsca-store` (dsca.cli.store_main).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from dsca.cli._common import HelpFormatter, add_subcommand, add_verbosity, setup_logging
+from dsca.cli import _common
 
-# subcommand name -> module under dsca.cli
-_SUBCOMMANDS = {
-    "init": "init",
-    "train": "train",
-    "demo": "demo",
-    "split": "split",
-    "profile": "profile",
+# subcommand name -> its module, in the order of `dsca --help`
+SUBCOMMANDS = {
+    "init": "dsca.cli.init",
+    "train": "dsca.cli.train",
+    "demo": "dsca.cli.demo",
+    "split": "dsca.cli.split",
+    "profile": "dsca.cli.profile",
 }
 
 
@@ -34,24 +33,11 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsca", description=__doc__.splitlines()[0],
-                                     epilog=_EXAMPLES, formatter_class=HelpFormatter)
-    add_verbosity(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in _SUBCOMMANDS.items():
-        module = importlib.import_module(f"dsca.cli.{module_name}")
-        p = add_subcommand(sub, name, help=module.HELP, description=module.DESCRIPTION,
-                           examples=module.EXAMPLES)
-        add_verbosity(p, subcommand=True)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-    return parser
+    return _common.build_parser("dsca", __doc__.splitlines()[0], _EXAMPLES, SUBCOMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    return int(args._run(args) or 0)
+    return _common.run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

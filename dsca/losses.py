@@ -37,6 +37,10 @@ def risk_score(output: torch.Tensor) -> torch.Tensor:
 
     Returns:
         [B] risk: ``-sum_k S_k`` for hazards, the log hazard for Cox.
+
+    Example:
+        >>> risk_score(torch.tensor([[0.5, 0.5], [0.25, 0.25]])).tolist()  # the first dies sooner
+        [-0.75, -1.3125]
     """
     if output.shape[1] == 1:
         return output[:, 0]
@@ -79,7 +83,7 @@ def discrete_nll(
     uncensored = -(1.0 - c) * (log_before + log_h)
     censored = -c * log_after
     loss = ((1.0 - alpha) * (censored + uncensored) + alpha * uncensored).reshape(-1)
-    return _reduce(loss, reduction)
+    return _apply_reduction(loss, reduction)
 
 
 def cox_nll(
@@ -105,6 +109,11 @@ def cox_nll(
 
     Returns:
         scalar ``-log PL / B``; 0 (with a gradient path) when the batch has no event.
+
+    Example:
+        >>> eta, event, time = torch.zeros(2), torch.tensor([1, 1]), torch.tensor([1.0, 1.0])
+        >>> [round(cox_nll(eta, event, time, ties).item(), 4) for ties in ("breslow", "efron")]
+        [0.6931, 0.3466]
     """
     if ties not in ("efron", "breslow"):
         raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
@@ -135,9 +144,9 @@ def cox_nll(
         # l = 0..d-1 within each tie group, d = its size
         d = torch.bincount(event_group, minlength=n_groups)
         order = torch.argsort(event_group, stable=True)
-        first = torch.cumsum(d, 0) - d
+        group_start = torch.cumsum(d, 0) - d  # position of each group's first event in `order`
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.shape[0], device=order.device) - first[event_group[order]]
+        rank[order] = torch.arange(order.shape[0], device=order.device) - group_start[event_group[order]]
         keep = 1.0 - rank.to(eta.dtype) / d[event_group].to(eta.dtype)  # 1 - l/d, in (0, 1]
         log_denominator = torch.logaddexp(lse_others[event_group],
                                           torch.log(keep) + lse_events[event_group])
@@ -172,7 +181,8 @@ def l1_penalty(params: Iterable[torch.Tensor], coef: float) -> torch.Tensor | fl
     return coef * sum(p.abs().sum() for p in params)
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def _apply_reduction(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``loss`` [B] reduced as ``reduction`` ("mean", "sum" or "none") asks."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

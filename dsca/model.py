@@ -1,4 +1,4 @@
-"""The DSCA network: config, construction, forward, and cost accounting.
+"""The DSCA network: construction and forward.
 
 ``build_model(cfg)`` builds the reference study's network from the model keys of its YAML
 config (``config_hier.yaml``); parameter names and shapes match the reference implementation,
@@ -17,18 +17,17 @@ network names: ``patch_embedding_layer``, ``patch_encoder_layer``, ``pool``, ``o
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from nystrom_attention import Nystromformer
 from torch import Tensor, nn
 
+from dsca.config.model import ModelConfig
+from dsca.coords import BLOCK
 from dsca.layers import (
-    BLOCK,
     AvgPoolEmbedding,
     CAPoolEmbedding,
     Conv1dEmbedding,
@@ -43,173 +42,11 @@ __all__ = [
     "DSCA",
     "ModelConfig",
     "build_model",
-    "count_macs",
     "count_parameters",
     "sincos_position_embedding",
 ]
 
 log = logging.getLogger(__name__)
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "magnification": ("x5_x20", "x5", "x20"),
-    "emb_x5_backbone": ("conv1d",),
-    "emb_x20_backbone": ("capool", "avgpool", "gapool"),
-    "tra_backbone": ("Transformer", "Nystromformer"),
-    "join": ("post", "pre"),
-    "fusion": ("fusion", "cat"),
-    "pool": ("gap", "mean", "max", "max_mean"),
-    "capool_backend": ("auto", "triton", "torch"),
-}
-
-
-def _fail(key: str, msg: str) -> ValueError:
-    return ValueError(f"model config key {key!r}: {msg}")
-
-
-def _as_int(key: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(key, f"expected an integer, got {value!r}")
-    if value < minimum:
-        raise _fail(key, f"expected an integer >= {minimum}, got {value}")
-    return value
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _fail(key, f"expected true or false, got {value!r}")
-
-
-def _parse_dims(value: Any) -> tuple[int, int, int, int]:
-    if isinstance(value, str):
-        parts: list[Any] = value.split("-")
-        try:
-            parts = [int(p) for p in parts]
-        except ValueError:
-            raise _fail(
-                "dims", f"expected 4 integers like '1024-384-384-4', got {value!r}"
-            ) from None
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        raise _fail("dims", f"expected a string like '1024-384-384-4' or a list, got {value!r}")
-    if len(parts) != 4:
-        raise _fail("dims", f"expected 4 sizes (input-embedding-hidden-output), got {value!r}")
-    return tuple(_as_int("dims", p) for p in parts)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The model part of the reference config; defaults are those of ``config_hier.yaml``.
-
-    ``tra_ksize``, ``tra_dw_conv`` and ``tra_epsilon`` are accepted for config compatibility;
-    the two Transformer backbones offered here do not use them.
-    """
-
-    dims: tuple[int, int, int, int] = (1024, 384, 384, 4)
-    magnification: str = "x5_x20"
-    emb_x5_backbone: str = "conv1d"
-    emb_x5_ksize: int = 5
-    emb_x20_backbone: str = "capool"
-    emb_x20_dw_conv: bool = False
-    emb_x20_ksize: int = 3
-    tra_position_emb: bool = True
-    tra_backbone: str = "Transformer"
-    tra_nhead: int = 8
-    tra_num_layers: int = 1
-    tra_ksize: int = 3
-    tra_dw_conv: bool = False
-    tra_epsilon: float = 0.8
-    join: str = "post"
-    fusion: str = "fusion"
-    pool: str = "gap"
-    dropout: float = 0.6
-    capool_backend: str = "auto"
-
-    @classmethod
-    def yaml_keys(cls) -> frozenset[str]:
-        """The config keys this class reads (the training config rejects keys nobody reads)."""
-        return frozenset(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Read the model keys of a reference-style config mapping; other keys are ignored.
-
-        Raises:
-            ValueError: naming the key, when a value has the wrong type or is out of range.
-        """
-        kw = {k: d[k] for k in cls.yaml_keys() if k in d and d[k] is not None}
-        return cls(**kw)
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise once, here
-        set_(self, "dims", _parse_dims(self.dims))
-        for key, choices in _CHOICES.items():
-            value = getattr(self, key)
-            if value not in choices:
-                raise _fail(key, f"expected one of {', '.join(choices)}; got {value!r}")
-        for key in ("emb_x5_ksize", "emb_x20_ksize", "tra_nhead", "tra_num_layers", "tra_ksize"):
-            set_(self, key, _as_int(key, getattr(self, key)))
-        for key in ("emb_x20_dw_conv", "tra_position_emb", "tra_dw_conv"):
-            set_(self, key, _as_bool(key, getattr(self, key)))
-        for key in ("dropout", "tra_epsilon"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _fail(key, f"expected a number, got {value!r}")
-            set_(self, key, float(value))
-        if not 0.0 <= self.dropout < 1.0:
-            raise _fail("dropout", f"expected a probability in [0, 1), got {self.dropout}")
-        if self.emb_x5_ksize % 2 == 0:
-            raise _fail("emb_x5_ksize", f"expected an odd kernel size, got {self.emb_x5_ksize}")
-        if self.emb_x20_ksize not in (1, 3):
-            raise _fail("emb_x20_ksize", f"expected 1 or 3, got {self.emb_x20_ksize}")
-        _, emb, hid, _ = self.dims
-        if emb != hid:
-            # the encoders keep their width: the reference's layers after them are sized by
-            # dims[2], so any other value cannot run
-            raise _fail("dims", f"embedding and hidden sizes must be equal, got {emb} and {hid}")
-        if emb % 4:
-            raise _fail("dims", f"embedding size must be a multiple of 4 (sin-cos PE, 4 CAPool "
-                        f"heads), got {emb}")
-        if self.tra_position_emb and emb < 8:
-            raise _fail("dims", f"embedding size must be >= 8 for the sin-cos PE, got {emb}")
-        if self.d_model % self.tra_nhead:
-            raise _fail("tra_nhead", f"{self.tra_nhead} heads do not divide the encoder width "
-                        f"{self.d_model}")
-
-    @property
-    def dual(self) -> bool:
-        return self.magnification == "x5_x20"
-
-    @property
-    def d_model(self) -> int:
-        """Width of the Transformer encoder(s)."""
-        if self.dual and self.join == "pre" and self.fusion == "cat":
-            return 2 * self.dims[1]
-        return self.dims[1]
-
-    @property
-    def enc_dim(self) -> int:
-        """Width of the pooled patch features."""
-        if self.dual and self.join == "post" and self.fusion == "cat":
-            return 2 * self.dims[2]
-        return self.d_model
-
-    @property
-    def cox(self) -> bool:
-        """True when the output is one Cox risk score, False for discrete-time hazards."""
-        return self.dims[3] == 1
-
-    @property
-    def needs_x5(self) -> bool:
-        return self.magnification != "x20" or self.emb_x20_backbone == "capool"
-
-    @property
-    def needs_x20(self) -> bool:
-        return self.magnification != "x5"
-
 
 def sincos_position_embedding(coords: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
     """2-D sin-cos embedding of grid coordinates, relative to their minimum per bag.
@@ -446,79 +283,3 @@ def build_model(cfg: Mapping[str, Any] | ModelConfig) -> DSCA:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (8,567,045 for the reference config)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(
-    cfg: Mapping[str, Any] | ModelConfig, n_patches: int, formulation: str = "ours"
-) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass over one bag of ``n_patches`` x5 patches.
-
-    Counts the matrix products (convolutions, projections, attention); element-wise work
-    (norms, activations, softmax) is left out.
-
-    Args:
-        cfg: model config.
-        n_patches: N, the number of low-res patches (16 N high-res rows).
-        formulation: "ours" (per-tap block conv over real taps, folded CAPool) or "plain"
-            (zero-padded 3x3 conv, K and V of all 16 N rows materialized).
-
-    Returns:
-        MACs per part (keys ``x20_conv``, ``x20_pool``, ``x5_embedding``, ``encoders``,
-        ``pool``, ``head``) and ``total``.
-    """
-    if formulation not in ("ours", "plain"):
-        raise ValueError(f"formulation must be 'ours' or 'plain', got {formulation!r}")
-    if not isinstance(cfg, ModelConfig):
-        cfg = ModelConfig.from_dict(cfg)
-    N = n_patches
-    D, C = cfg.dims[0], cfg.dims[1]
-    k = cfg.emb_x20_ksize
-    macs: dict[str, int] = {}
-    if cfg.needs_x20:
-        # tap-positions per block: all k*k*16 when zero-padded (the plain way, and our
-        # depthwise conv, which is a padded grouped conv2d), only the 100 real ones otherwise
-        taps = 100 if formulation == "ours" and k == 3 and not cfg.emb_x20_dw_conv else 16 * k * k
-        if cfg.emb_x20_dw_conv:
-            macs["x20_conv"] = N * taps * D + N * 16 * D * C
-        else:
-            macs["x20_conv"] = N * taps * D * C
-        if cfg.emb_x20_backbone == "capool":
-            H = CAPoolEmbedding.num_heads
-            q = N * D * C + N * C * C  # x5 query Conv1d k=1 + W_q
-            if formulation == "plain":
-                kv = 2 * 16 * N * C * C  # K and V of every row
-                att = 2 * 16 * N * C  # logits and weighted sum, all heads
-            else:
-                kv = N * H * (C // H) * C + N * C * C  # W_k^T u_h, W_v after pooling (per head)
-                att = 2 * N * H * 16 * C  # logits and pooled rows, per head over all C
-            macs["x20_pool"] = q + kv + att + N * C * C  # + out projection
-        elif cfg.emb_x20_backbone == "gapool":
-            macs["x20_pool"] = 16 * N * (2 * C * C + C) + 16 * N * C
-        else:
-            macs["x20_pool"] = 0
-    if cfg.magnification != "x20":
-        macs["x5_embedding"] = N * D * C * cfg.emb_x5_ksize
-    d = cfg.d_model
-    n_enc = 2 if cfg.dual and cfg.join == "post" else 1
-    if cfg.tra_backbone == "Transformer":
-        per_layer = N * d * 3 * d + 2 * N * N * d + N * d * d + 2 * N * d * d
-    else:
-        # nystrom-attention defaults: 256 landmarks, 64 per head, 6 pseudo-inverse iterations of
-        # 4 [m, m] products, a 33-tap residual conv; the sequence is zero-padded to a multiple
-        # of m before the projections; feed-forward 4x
-        m, dh, H = 256, 64, cfg.tra_nhead
-        n = -(-N // m) * m
-        inner = H * dh
-        attn = H * (2 * n * m * dh + m * m * dh + 6 * 4 * m**3 + n * m * m + 2 * n * m * dh)
-        per_layer = n * d * 3 * inner + attn + H * n * dh * 33 + n * inner * d + 8 * N * d * d
-    macs["encoders"] = n_enc * cfg.tra_num_layers * per_layer
-    e = cfg.enc_dim
-    macs["pool"] = 2 * N * e * e + N * e + N * e if cfg.pool == "gap" else 0
-    rep = 2 * e if cfg.pool == "max_mean" else e
-    if cfg.cox:
-        first = rep * e + e * e // 2 if cfg.pool == "max_mean" else e * e // 2
-        macs["head"] = first + e // 2
-    else:
-        macs["head"] = rep * cfg.dims[3]
-    macs["total"] = sum(macs.values())
-    return macs

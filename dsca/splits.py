@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dsca.atomic import atomic_write
 from dsca.labels import LabelError
 
 __all__ = ["Split", "load_split", "resolve_split_paths", "make_splits", "write_splits"]
@@ -165,9 +166,10 @@ def write_splits(splits: Sequence[Split], out_dir: str | Path, prefix: str) -> l
     for k, split in enumerate(splits):
         path = out / f"{prefix}-fold{k}.npz"
         arrays = {f"{name}_patients": np.array(ids, dtype=str) for name, ids in split.parts().items()}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        # Through an open file: np.savez appends ".npz" to a path without it, such as the
+        # hidden temp name that keeps a half-written split from being read as a fold.
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **arrays)
         paths.append(path)
     log.info("wrote %d split files to %s", len(paths), out)
     return paths

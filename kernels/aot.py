@@ -16,6 +16,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
+from dsca.kernels.interpreter import interpreter_requested
+
 __all__ = ["CompileJob", "compile_jobs", "run_job"]
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_requested():
         print("error: unset TRITON_INTERPRET to compile for GPU targets", file=sys.stderr)
         return 2
     jobs = compile_jobs(

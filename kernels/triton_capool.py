@@ -1,7 +1,8 @@
 """Triton CAPool: the attend-and-pool core of each 4x4 block, forward and backward.
 
 Layout of this file (Triton-tutorial style): kernels, then their launchers, then the
-``torch.library`` operators, then the ``torch.autograd.Function``, then :func:`capool_triton`.
+``torch.library`` operators, then the ``torch.autograd.Function`` and :func:`attend_pool_triton`,
+the core that :func:`dsca.kernels.capool` plugs between the folded projections.
 
 With the projections folded (``reference.py``), what remains per block b is, for each head h,
 with k_h = W_k,h^T u_h [C] and the block's raw rows x_j [C], j = 0..15:
@@ -19,7 +20,6 @@ Half-precision inputs are accumulated in fp32; p is kept in fp32 for the backwar
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,15 +30,14 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from torch.utils.flop_counter import register_flop_formula
 
-from dsca.kernels.reference import capool_folded
+from dsca.coords import BLOCK
+from dsca.kernels.interpreter import interpreter_requested
 
-__all__ = ["INTERPRETED", "attend_pool_triton", "capool_triton", "autotune_configs"]
+__all__ = ["INTERPRETED", "attend_pool_triton", "autotune_configs"]
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is
 # imported; it cannot be switched later in the same process.
-INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_ROWS = 16  # high-res rows per block (4x4)
+INTERPRETED: bool = interpreter_requested()
 
 
 def autotune_configs() -> list[triton.Config]:
@@ -70,6 +69,22 @@ def _m_bucket(m: int) -> int:
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _head_row_dots(a_base, stride_ac, x_base, stride_xc, C, mask_h,
+                   BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out_hj = sum_c a_hc x_jc over the whole C axis, one BLOCK_C chunk at a time, in fp32:
+    the logits k . x_j in forward and dL/dp = g . x_j in backward. Returns [BLOCK_H, 16]."""
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_H, 16], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        a = tl.load(a_base + cc[None, :] * stride_ac, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _capool_fwd_kernel(
     k_ptr, x_ptr, r_ptr, p_ptr,
     H, C, M_BUCKET,
@@ -82,20 +97,12 @@ def _capool_fwd_kernel(
     m = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_j = tl.arange(0, 16)
-    offs_c = tl.arange(0, BLOCK_C)
     mask_h = offs_h < H
     k_base = k_ptr + m * stride_km + offs_h[:, None] * stride_kh
     x_base = x_ptr + m * stride_xm + offs_j[:, None] * stride_xj
 
-    # pass 1: s_hj = sum_c k_hc x_jc, one C chunk at a time
-    s = tl.zeros([BLOCK_H, 16], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        mask_c = cc < C
-        mask_hc = mask_h[:, None] & mask_c[None, :]
-        k = tl.load(k_base + cc[None, :] * stride_kc, mask=mask_hc, other=0.0)
-        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
-        s += tl.sum(k.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+    # pass 1: s_hj = sum_c k_hc x_jc
+    s = _head_row_dots(k_base, stride_kc, x_base, stride_xc, C, mask_h, BLOCK_H, BLOCK_C)
 
     # softmax over the 16 rows (padded heads see s = 0: finite, never stored)
     s_max = tl.max(s, axis=1)
@@ -106,6 +113,7 @@ def _capool_fwd_kernel(
 
     # pass 2: r_hc = sum_j p_hj x_jc (the block's rows are back from L2)
     r_base = r_ptr + m * stride_rm + offs_h[:, None] * stride_rh
+    offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C
@@ -139,30 +147,22 @@ def _capool_bwd_kernel(
     m = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_j = tl.arange(0, 16)
-    offs_c = tl.arange(0, BLOCK_C)
+    hj_offs = m * H * 16 + offs_h[:, None] * 16 + offs_j[None, :]  # this block's [H, 16] tiles
     mask_h = offs_h < H
     g_base = gr_ptr + m * stride_gm + offs_h[:, None] * stride_gh
     k_base = k_ptr + m * stride_km + offs_h[:, None] * stride_kh
     x_base = x_ptr + m * stride_xm + offs_j[:, None] * stride_xj
-    hj_offs = m * H * 16 + offs_h[:, None] * 16 + offs_j[None, :]
 
     p = tl.load(p_ptr + hj_offs, mask=mask_h[:, None], other=0.0)
+    dp = _head_row_dots(g_base, stride_gc, x_base, stride_xc, C, mask_h, BLOCK_H, BLOCK_C)
     if HAS_GP:
-        dp = tl.load(gp_ptr + hj_offs, mask=mask_h[:, None], other=0.0).to(tl.float32)
-    else:
-        dp = tl.zeros([BLOCK_H, 16], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        mask_c = cc < C
-        mask_hc = mask_h[:, None] & mask_c[None, :]
-        g = tl.load(g_base + cc[None, :] * stride_gc, mask=mask_hc, other=0.0)
-        x = tl.load(x_base + cc[None, :] * stride_xc, mask=mask_c[None, :], other=0.0)
-        dp += tl.sum(g.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+        dp += tl.load(gp_ptr + hj_offs, mask=mask_h[:, None], other=0.0).to(tl.float32)
     # padded heads: p = 0 there, so ds = 0 and they add nothing to dx
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
 
     dk_base = dk_ptr + m * H * C + offs_h[:, None] * C
     dx_base = dx_ptr + m * 16 * C + offs_j[:, None] * C
+    offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C
@@ -196,7 +196,7 @@ def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap: _Wrap = _identity) -> tuple[Te
     """r [M,H,C] (input dtype) and p [M,H,16] (fp32) from k_dir [M,H,C] and x20 [M,16,C]."""
     M, H, C = k_dir.shape
     r = torch.empty((M, H, C), dtype=k_dir.dtype, device=k_dir.device)
-    p = torch.empty((M, H, _ROWS), dtype=torch.float32, device=k_dir.device)
+    p = torch.empty((M, H, BLOCK), dtype=torch.float32, device=k_dir.device)
     if M == 0:
         return r, p
     wrap(_capool_fwd)[(M,)](
@@ -219,7 +219,7 @@ def _launch_bwd(
     """dk [M,H,C] and dx [M,16,C] (dtypes of k_dir and x20); p is the forward's fp32 output."""
     M, H, C = k_dir.shape
     dk = torch.empty((M, H, C), dtype=k_dir.dtype, device=k_dir.device)
-    dx = torch.empty((M, _ROWS, C), dtype=x20.dtype, device=x20.device)
+    dx = torch.empty((M, BLOCK, C), dtype=x20.dtype, device=x20.device)
     if M == 0:
         return dk, dx
     has_gp = grad_p is not None
@@ -246,7 +246,7 @@ if INTERPRETED:
     @_attend_pool_op.register_fake
     def _(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
         M, H, C = k_dir.shape
-        return k_dir.new_empty((M, H, C)), k_dir.new_empty((M, H, _ROWS), dtype=torch.float32)
+        return k_dir.new_empty((M, H, C)), k_dir.new_empty((M, H, BLOCK), dtype=torch.float32)
 
     @torch.library.custom_op("dsca::capool_attend_pool_backward", mutates_args=())
     def _attend_pool_bwd_op(
@@ -259,7 +259,7 @@ if INTERPRETED:
         grad_r: Tensor, grad_p: Tensor | None, k_dir: Tensor, x20: Tensor, p: Tensor
     ) -> tuple[Tensor, Tensor]:
         M, H, C = k_dir.shape
-        return k_dir.new_empty((M, H, C)), x20.new_empty((M, _ROWS, C))
+        return k_dir.new_empty((M, H, C)), x20.new_empty((M, BLOCK, C))
 
 else:
 
@@ -322,28 +322,6 @@ def attend_pool_triton(k_dir: Tensor, x20: Tensor) -> tuple[Tensor, Tensor]:
     return r, p.to(dtype)
 
 
-def capool_triton(
-    x20: Tensor,
-    query: Tensor,
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
-    out_proj_weight: Tensor,
-    out_proj_bias: Tensor,
-    num_heads: int,
-) -> tuple[Tensor, Tensor]:
-    """CAPool with the Triton core; same arguments and returns as ``capool_folded``.
-
-    Args:
-        x20: [M, 16, C]; query: [M, C]; in_proj_weight [3C, C]; in_proj_bias [3C];
-        out_proj_weight [C, C]; out_proj_bias [C]; num_heads H dividing C.
-
-    Returns:
-        pooled [M, C] and attention probabilities [M, H, 16].
-    """
-    return capool_folded(x20, query, in_proj_weight, in_proj_bias, out_proj_weight,
-                         out_proj_bias, num_heads, attend=attend_pool_triton)
-
-
 # --------------------------------------------------------------------------------------------
 # FLOP counts for torch.utils.flop_counter (`dsca profile`): the same multiply-adds that the
 # PyTorch path's einsums are counted with, 2 FLOPs each.
@@ -351,7 +329,7 @@ def capool_triton(
 @register_flop_formula(torch.ops.dsca.capool_attend_pool)
 def _attend_pool_flops(k_shape: torch.Size, x_shape: torch.Size, *_: Any, **__: Any) -> int:
     M, H, C = k_shape
-    return 2 * 2 * M * H * _ROWS * C  # logits + pooling
+    return 2 * 2 * M * H * BLOCK * C  # logits + pooling
 
 
 @register_flop_formula(torch.ops.dsca.capool_attend_pool_backward)
@@ -359,4 +337,4 @@ def _attend_pool_bwd_flops(
     gr_shape: torch.Size, gp_shape: torch.Size | None, k_shape: torch.Size, *_: Any, **__: Any
 ) -> int:
     M, H, C = k_shape
-    return 4 * 2 * M * H * _ROWS * C  # dp, dk, and dx through the pool and the logits
+    return 4 * 2 * M * H * BLOCK * C  # dp, dk, and dx through the pool and the logits

@@ -72,3 +72,15 @@ def test_help_through_the_real_entry_point(prog, name):
     assert "examples:" in out.stdout
     if any(_shown_default(a) is not None for a in parser._actions if a.option_strings):
         assert "(default:" in out.stdout
+
+
+@pytest.mark.parametrize("prog", sorted(FRONT_ENDS))
+def test_every_subcommand_module_has_the_five_members(prog):
+    """Both front ends are registries of modules with the same interface (dsca.cli._common)."""
+    import importlib
+
+    for name, module_name in FRONT_ENDS[prog].SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        for member in ("HELP", "DESCRIPTION", "EXAMPLES"):
+            assert isinstance(getattr(module, member), str), f"{prog} {name}: {member}"
+        assert callable(module.add_arguments) and callable(module.run), f"{prog} {name}"

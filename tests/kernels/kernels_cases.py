@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsca.kernels import CAPoolWeights
+
 
 @dataclass
 class CAPoolInputs:
@@ -29,8 +31,13 @@ class CAPoolInputs:
             self.out_proj_bias,
         ]
 
-    def args(self) -> tuple:
-        return (*self.tensors(), self.num_heads)
+    def weights(self) -> CAPoolWeights:
+        return CAPoolWeights(self.in_proj_weight, self.in_proj_bias, self.out_proj_weight,
+                             self.out_proj_bias, self.num_heads)
+
+    def args(self) -> tuple[Tensor, Tensor, CAPoolWeights]:
+        """(x20, query, weights): the arguments of every CAPool formulation."""
+        return self.x20, self.query, self.weights()
 
     def to(self, dtype: torch.dtype) -> CAPoolInputs:
         """A detached copy in ``dtype`` with fresh leaves that require grad."""

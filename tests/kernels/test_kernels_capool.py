@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dsca.kernels import capool, capool_folded, capool_plain
+from dsca.kernels import CAPoolWeights, capool, capool_folded, capool_plain
 from dsca.kernels.reference import attend_pool_torch
-from dsca.kernels.triton_capool import INTERPRETED, attend_pool_triton, capool_triton
+from dsca.kernels.triton_capool import INTERPRETED, attend_pool_triton
 
 from kernels_cases import CAPoolInputs, default_device, make_inputs
 
@@ -31,6 +31,11 @@ DEVICE = default_device()
 # (M, C, H): odd M, C not a multiple of the 32-wide C chunk (masked tail), a head count that is
 # not a power of two (padded head lanes), one block, head size 1.
 SHAPES = [(7, 48, 4), (1, 32, 4), (5, 100, 4), (3, 40, 5), (9, 64, 8), (2, 4, 4)]
+
+
+def capool_triton(x20: Tensor, query: Tensor, w: CAPoolWeights) -> tuple[Tensor, Tensor]:
+    """The Triton variant alone, without the dispatcher's checks (as torch.compile sees it)."""
+    return capool_folded(x20, query, w, attend=attend_pool_triton)
 
 
 def _assert_close(actual: Tensor, expected: Tensor, rel: float, what: str) -> None:
@@ -203,7 +208,11 @@ def test_dispatcher_routes_and_validates() -> None:
     with pytest.raises(ValueError, match=r"x20 must be \[M, 16, C\]"):
         capool(inp.x20[:, :8], *inp.args()[1:])
     with pytest.raises(ValueError, match="must divide C"):
-        capool(*inp.tensors(), 5)
+        capool(inp.x20, inp.query, inp.weights()._replace(num_heads=5))
+    with pytest.raises(ValueError, match=r"out_proj_bias must be \[32\]"):
+        capool(inp.x20, inp.query, inp.weights()._replace(out_proj_bias=inp.out_proj_bias[:5]))
+    with pytest.raises(ValueError, match=r"norm must normalize \[32\]"):
+        capool(*inp.args(), norm=nn.LayerNorm(8))
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
@@ -211,9 +220,9 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
         "import torch\n"
         "from dsca.kernels import capool\n"
         "x = torch.randn(2, 16, 8); q = torch.randn(2, 8)\n"
-        "w = torch.randn(24, 8); b = torch.zeros(24); wo = torch.randn(8, 8); bo = torch.zeros(8)\n"
+        "mha = torch.nn.MultiheadAttention(8, 4)\n"
         "try:\n"
-        "    capool(x, q, w, b, wo, bo, 4, backend='triton')\n"
+        "    capool(x, q, mha, backend='triton')\n"
         "except RuntimeError as e:\n"
         "    print('ERR', e)\n"
     )
@@ -285,3 +294,23 @@ def test_gpu_triton_op_registration_traces_with_fake_cuda_tensors() -> None:
         "(5,", "4,", "40)", "torch.bfloat16", "cuda", "(5,", "4,", "16)", "torch.float32",
         "(5,", "4,", "40)", "torch.bfloat16", "(5,", "16,", "40)", "torch.bfloat16",
     ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "plain", "triton"])
+def test_norm_prologue_equals_unfused_ops(backend: str) -> None:
+    """capool(y, q, w, norm=ln) is capool(relu(ln(y)), q, w) on every backend: fused into the
+    core on the torch backend (``fused_cpu.py``), applied first elsewhere."""
+    inp = make_inputs(140, 32, 4, seed=9)  # more than one chunk of the fused core
+    ln = nn.LayerNorm(32, device=inp.x20.device)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.2, 0.2)
+
+    def with_prologue(x20, query, w):
+        return capool(x20, query, w, norm=ln, backend=backend)
+
+    def applied_first(x20, query, w):
+        return capool_folded(torch.relu(ln(x20)), query, w)
+
+    got, want = _run(with_prologue, inp), _run(applied_first, inp)
+    _compare(got, want, 1e-5, 1e-4)

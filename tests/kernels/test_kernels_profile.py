@@ -12,7 +12,7 @@ pytest.importorskip("nystrom_attention")  # the model's dependency (absent on ba
 
 from dsca import build_model  # noqa: E402
 from dsca.cli.dsca_main import main  # noqa: E402
-from dsca.model import count_macs  # noqa: E402
+from dsca.costs import count_macs  # noqa: E402
 from dsca.profile import _loss, format_table, profile_model, synthetic_bag  # noqa: E402
 from kernels_cases import default_device  # noqa: E402
 

@@ -7,7 +7,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsca import build_model
-from dsca.model import ModelConfig, count_macs
+from dsca.costs import count_macs
+from dsca.model import ModelConfig
 
 from plain_model import plain_forward  # noqa: I001
 

@@ -172,14 +172,15 @@ def test_fused_norm_attend_in_training_mode_equals_unfused_ops(monkeypatch):
     """Training mode (dropout on, gradients): the fused LayerNorm + ReLU + attend path gives
     the values and gradients of the unfused ops under the same dropout masks, over more
     blocks than one of its chunks."""
-    from dsca import layers
+    import dsca.kernels.dispatch as dispatch
+    from dsca.kernels import fused_cpu
 
     cfg, model, _ = _build(VARIANTS["default"])
-    x20, x5, coords = _inputs(B=1, N=layers._NORM_CHUNK + 20, D=32, seed=5)
+    x20, x5, coords = _inputs(B=1, N=fused_cpu._NORM_CHUNK + 20, D=32, seed=5)
     fused_calls = []
-    real_fused = layers.CAPoolEmbedding._norm_pool_fused
-    monkeypatch.setattr(layers.CAPoolEmbedding, "_norm_pool_fused",
-                        lambda self, *a: fused_calls.append(1) or real_fused(self, *a))
+    real_fused = dispatch.norm_relu_attend
+    monkeypatch.setattr(dispatch, "norm_relu_attend",
+                        lambda norm: fused_calls.append(1) or real_fused(norm))
 
     def step():
         torch.manual_seed(7)
@@ -188,7 +189,7 @@ def test_fused_norm_attend_in_training_mode_equals_unfused_ops(monkeypatch):
 
     out_fused, grads_fused = step()
     assert fused_calls, "the fused path did not run"
-    monkeypatch.setattr(layers.CAPoolEmbedding, "_fuse_norm_pool", lambda self, x20: False)
+    monkeypatch.setattr(dispatch, "_fuses_norm", lambda variant, device_type: False)
     fused_calls.clear()
     out_plain, grads_plain = step()
     assert not fused_calls

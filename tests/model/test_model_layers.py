@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsca.layers import (
-    _M_CHUNK,
-    BlockConv2d,
-    SeparableBlockConv2d,
-    block_conv3x3,
-    cross_attention_logits,
-)
+from dsca.kernels import as_weights, capool_logits
+from dsca.layers import BlockConv2d, SeparableBlockConv2d, block_conv3x3
+from dsca.layers._tap_gemm import _M_CHUNK
 from dsca.model import sincos_position_embedding
 
 
@@ -104,7 +100,7 @@ def test_cross_attention_logits_add_back_the_cancelled_key_bias():
     mha = nn.MultiheadAttention(C, 4)
     nn.init.normal_(mha.in_proj_bias)
     rows, query = torch.randn(M, 16, C), torch.randn(M, C)
-    logits = cross_attention_logits(rows, query, mha)
+    logits = capool_logits(rows, query, as_weights(mha))
     w_q, w_k, _ = mha.in_proj_weight.chunk(3)
     b_q, b_k, _ = mha.in_proj_bias.chunk(3)
     q = F.linear(query, w_q, b_q).view(M, 4, 4) / math.sqrt(4)

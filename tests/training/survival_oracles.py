@@ -23,7 +23,8 @@ from scipy.special import logsumexp
 __all__ = ["cox_loglik_textbook", "cox_loglik_stable", "cox_loglik_grad", "cox_nll_reference"]
 
 
-def _check(eta, event, time, ties):
+def _validated_cox_inputs(eta, event, time, ties):
+    """[N] float64 eta, bool events and float64 times; ValueError for an unknown ties rule."""
     if ties not in ("breslow", "efron"):
         raise ValueError(ties)
     eta = np.asarray(eta, dtype=np.float64).reshape(-1)
@@ -51,7 +52,7 @@ def _tie_weights(event: np.ndarray, time: np.ndarray, t: float, ties: str):
 
 def cox_loglik_textbook(eta, event, time, ties: str) -> float:
     """Log partial likelihood with plain loops over patients (overflows for large |eta|)."""
-    eta, event, time = _check(eta, event, time, ties)
+    eta, event, time = _validated_cox_inputs(eta, event, time, ties)
     n = len(eta)
     total = 0.0
     for t in sorted(set(time[event].tolist())):
@@ -71,7 +72,7 @@ def cox_loglik_textbook(eta, event, time, ties: str) -> float:
 
 def cox_loglik_stable(eta, event, time, ties: str) -> float:
     """Log partial likelihood, each denominator a weighted log-sum-exp (finite for any eta)."""
-    eta, event, time = _check(eta, event, time, ties)
+    eta, event, time = _validated_cox_inputs(eta, event, time, ties)
     total = 0.0
     for t in np.unique(time[event]):
         dead, rows = _tie_weights(event, time, t, ties)
@@ -83,7 +84,7 @@ def cox_loglik_stable(eta, event, time, ties: str) -> float:
 
 def cox_loglik_grad(eta, event, time, ties: str) -> np.ndarray:
     """d log PL / d eta: ``delta_j - sum_t sum_l w_lj e^eta_j / sum_k w_lk e^eta_k``."""
-    eta, event, time = _check(eta, event, time, ties)
+    eta, event, time = _validated_cox_inputs(eta, event, time, ties)
     grad = event.astype(float).copy()
     for t in np.unique(time[event]):
         _, rows = _tie_weights(event, time, t, ties)

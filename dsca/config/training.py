@@ -2,7 +2,7 @@
 parsed once into :class:`TrainConfig`.
 
 Every key of the reference ``config_hier.yaml`` is accepted. The network's keys are those of
-``dsca.model.ModelConfig.yaml_keys()`` and end up in ``TrainConfig.model``; the raw-CLAM path
+``ModelConfig.yaml_keys()`` and end up in ``TrainConfig.model``; the raw-CLAM path
 keys (``path_patchx20``, ...) are superseded by ``store``; ``path_label``,
 ``path_data_split`` and ``seed_data_split`` are aliases of ``labels``, ``splits`` and
 ``folds``. An unknown key is an error that names the closest valid key. ``labels_map`` (text
@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from dsca.config.model import ModelConfig
 from dsca.labels import LabelColumns, LabelError, parse_labels_map
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config", "parse_folds", "starter_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_config", "parse_folds", "valid_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _KEY_SYNONYMS = {
 class TrainConfig:
     """Everything `dsca train` needs; built by :func:`parse_config`, never from loose dicts.
 
-    Model fields live in ``model`` (a ``dsca.model.ModelConfig``); the rest are the reference
+    Model fields live in ``model`` (a :class:`~dsca.config.model.ModelConfig`); the rest are the reference
     keys of the same names with these additions: ``store``, ``labels``, ``splits`` (a pattern
     with ``{}`` or a list of files), ``folds``, ``last_group`` ("drop" = the last, incomplete
     group of ``bp_every_iters`` patients of an epoch is not back-propagated, as the reference;
@@ -75,7 +76,7 @@ class TrainConfig:
     ``time_unit`` (the unit of the label times, for plots and reports).
     """
 
-    model: Any
+    model: ModelConfig
     store: Path
     labels: Path
     splits: str | list[str]
@@ -141,16 +142,10 @@ class TrainConfig:
         return out
 
 
-def _model_config_class() -> Any:
-    from dsca.model import ModelConfig
-
-    return ModelConfig
-
-
 def valid_keys() -> set[str]:
     """All keys a training YAML may hold."""
     own = {f.name for f in fields(TrainConfig)} - {"model", "source"}
-    model_keys = set(_model_config_class().yaml_keys())
+    model_keys = set(ModelConfig.yaml_keys())
     return own | model_keys | _SUPERSEDED | set(_ALIASES) | {
         "bins_discrete", "no_cuda", "num_patch_sampling"
     }
@@ -199,15 +194,14 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if raw.get("num_patch_sampling", -1) not in (-1, None):
         raise ConfigError(f"{source}: num_patch_sampling is not supported by the dual-stream model; use -1")
 
-    model_cls = _model_config_class()
-    model_keys = set(model_cls.yaml_keys())
+    model_keys = set(ModelConfig.yaml_keys())
     model_raw = {k: v for k, v in raw.items() if k in model_keys}
     try:
-        model_cfg = model_cls.from_dict(model_raw)
+        model_cfg = ModelConfig.from_dict(model_raw)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"{source}: model configuration: {err}") from err
 
-    def need(key: str) -> Any:
+    def required(key: str) -> Any:
         if raw.get(key) in (None, ""):
             raise ConfigError(f"{source}: missing required key {key!r}")
         return raw[key]
@@ -231,7 +225,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         raise ConfigError(f"{source}: loss survple (Cox) needs dims ending in 1, got {out_dim}")
 
     folds = parse_folds(raw.get("folds", [0, 1, 2, 3, 4]), f"{source}: folds")
-    splits = need("splits")
+    splits = required("splits")
     if isinstance(splits, str):
         splits = resolve(splits)
     elif isinstance(splits, list) and splits and all(isinstance(s, str) for s in splits):
@@ -253,8 +247,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         betas = [_number(b, "opt_betas", source, float) for b in betas]
     cfg = TrainConfig(
         model=model_cfg,
-        store=Path(resolve(need("store"))),
-        labels=Path(resolve(need("labels"))),
+        store=Path(resolve(required("store"))),
+        labels=Path(resolve(required("labels"))),
         splits=splits,
         folds=folds,
         bins=bins,
@@ -267,14 +261,14 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         **{
             f.name: _coerce(raw[f.name], f.name, source)
             for f in fields(TrainConfig)
-            if f.name in raw and f.name not in _SET_ABOVE
+            if f.name in raw and f.name not in _PARSED_BEFORE
         },
     )
     _check(cfg)
     return cfg
 
 
-_SET_ABOVE = {
+_PARSED_BEFORE = {
     "model", "store", "labels", "splits", "folds", "bins", "loss", "opt_betas",
     "device", "save_path", "labels_map", "source",
 }
@@ -358,26 +352,26 @@ def _check_range(key: str, value: float, source: str) -> None:
         raise ConfigError(f"{source}: {key} must be {what}, got {value}")
 
 
-def parse_folds(value: Any, where: str) -> list[int]:
+def parse_folds(value: Any, context: str) -> list[int]:
     """Fold numbers from YAML (an int or a list) or the command line ("0,1,3").
 
     Raises:
-        ConfigError: naming ``where`` (the key or flag), for anything but distinct
+        ConfigError: naming ``context`` (the key or flag), for anything but distinct
             non-negative whole numbers.
     """
     items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
     if not isinstance(items, (list, tuple)) or not items:
-        raise ConfigError(f"{where}: expected fold numbers such as 0,1,2; got {value!r}")
+        raise ConfigError(f"{context}: expected fold numbers such as 0,1,2; got {value!r}")
     folds = []
     for item in items:
         text = str(item).strip()
         if isinstance(item, bool) or not text.isdigit():
-            raise ConfigError(f"{where}: expected fold numbers such as 0,1,2; {item!r} is not "
+            raise ConfigError(f"{context}: expected fold numbers such as 0,1,2; {item!r} is not "
                               "a non-negative whole number")
         folds.append(int(text))
     repeated = sorted({k for k in folds if folds.count(k) > 1})
     if repeated:
-        raise ConfigError(f"{where}: fold {', '.join(map(str, repeated))} given more than once")
+        raise ConfigError(f"{context}: fold {', '.join(map(str, repeated))} given more than once")
     return folds
 
 
@@ -410,128 +404,3 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.es_warmup >= cfg.epochs:
         raise ConfigError(f"{s}: es_warmup ({cfg.es_warmup}) must be below epochs ({cfg.epochs}): "
                           "no epoch after the warm-up could be the best")
-
-
-# ---------------------------------------------------------------------------------------------
-# the starter config of `dsca init`: every key, its default and what it means
-
-_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("inputs and outputs", (
-        ("store", "feature store written by `dsca-store convert` (required)"),
-        ("labels", "labels CSV: one row per slide with slide id, patient id, time, event (required)"),
-        ("labels_map", "which CSV columns hold slide, patient, time and event/censorship, e.g. "
-                       "'slide=slide_id,patient=case_id,time=os_days,event=os_event'; null = "
-                       "pathology_id, patient_id, t, e"),
-        ("splits", "split files, one .npz per fold: a pattern with {} for the fold number, as "
-                   "`dsca split` writes them, or a list of paths (required)"),
-        ("folds", "fold numbers to run"),
-        ("time_unit", "unit of the label times, for plot axes and reports"),
-        ("save_path", "output folder when --out is not given"),
-        ("save_prediction", "write predictions.csv (every patient's risk and survival curve)"),
-    )),
-    ("survival targets and loss", (
-        ("loss", "survmle: discrete-time NLL over bins_discrete bins; survple: Cox partial "
-                 "likelihood (dims must end in 1)"),
-        ("bins_discrete", "number of discrete time bins (quartiles of the event times for 4)"),
-        ("bin_cut", "train: bin edges from each fold's training patients; cohort: from all "
-                    "patients, as the reference study (use it to compare with its numbers)"),
-        ("alpha", "extra weight of the uncensored patients' NLL term in training"),
-        ("cox_ties", "tied event times in the Cox loss: efron or breslow"),
-        ("reg_l1", "L1 penalty on every weight, added once per optimizer step"),
-    )),
-    ("optimisation", (
-        ("opt", "adam, adamw or lookahead_adam (Lookahead k=6, alpha=0.5 around Adam)"),
-        ("lr", "learning rate"),
-        ("weight_decay", "weight decay (not applied to biases and norm weights)"),
-        ("opt_eps", "Adam epsilon; null = torch's default"),
-        ("opt_betas", "Adam betas [beta1, beta2]; null = torch's default"),
-        ("opt_momentum", "accepted for the reference's configs; Adam does not use it"),
-        ("epochs", "maximum epochs per fold"),
-        ("batch_size", "patients per forward pass (must be 1: patients differ in size)"),
-        ("bp_every_iters", "patients per optimizer step (gradients accumulate over them)"),
-        ("last_group", "drop: the last incomplete group of an epoch is not back-propagated "
-                       "(the reference); step: it is"),
-        ("lr_factor", "ReduceLROnPlateau: factor the learning rate is multiplied by"),
-        ("lr_patience", "ReduceLROnPlateau: epochs without improvement before that"),
-        ("monitor_metrics", "what picks the best epoch and drives the schedule: loss "
-                            "(validation NLL) or ci (validation C-index)"),
-        ("es_patience", "early stopping: epochs without improvement before stopping; null = never"),
-        ("es_warmup", "early stopping: epochs before anything is recorded"),
-        ("es_start_epoch", "early stopping: never stop at or before this epoch"),
-        ("es_verbose", "accepted for the reference's configs"),
-        ("seed", "seed of weights, dropout and the shuffling"),
-    )),
-    ("model", (
-        ("dims", "input-embedding-hidden-output sizes; the input is the store's feature size, "
-                 "the output is bins_discrete (or 1 for Cox)"),
-        ("magnification", "x5_x20 (both streams), x5 or x20 (one stream)"),
-        ("emb_x5_backbone", "x5 patch embedding"),
-        ("emb_x5_ksize", "x5 embedding kernel size (odd)"),
-        ("emb_x20_backbone", "x20 embedding: capool (cross-attention pooling guided by the x5 "
-                             "patch), avgpool or gapool"),
-        ("emb_x20_dw_conv", "depthwise-separable 4x4-block convolution"),
-        ("emb_x20_ksize", "block convolution kernel size: 1 or 3"),
-        ("tra_position_emb", "sin-cos position embedding of the patch grid"),
-        ("tra_backbone", "Transformer or Nystromformer"),
-        ("tra_nhead", "attention heads of the encoder"),
-        ("tra_num_layers", "encoder layers"),
-        ("tra_ksize", "accepted for the reference's configs (unused)"),
-        ("tra_dw_conv", "accepted for the reference's configs (unused)"),
-        ("tra_epsilon", "accepted for the reference's configs (unused)"),
-        ("join", "post: encode each stream then fuse; pre: fuse then encode"),
-        ("fusion", "fusion (sum) or cat (concatenate)"),
-        ("pool", "global pooling of the patches: gap (attention), mean, max or max_mean"),
-        ("dropout", "dropout probability"),
-        ("capool_backend", "auto (Triton on CUDA, PyTorch elsewhere), triton or torch"),
-    )),
-    ("machine", (
-        ("device", "auto, cpu, cuda or cuda:N"),
-        ("amp", "mixed precision on CUDA: auto, bf16, fp16 or off"),
-        ("num_workers", "DataLoader worker processes (capped at the CPUs)"),
-        ("num_threads", "torch CPU threads; 0 = torch's default"),
-        ("cache_features", "keep every patient's features in memory after the first read"),
-        ("eval_bootstrap", "bootstrap resamples of the C-index confidence interval; 0 = none"),
-    )),
-)
-
-
-def starter_config(store: str | None = None, labels: str | None = None,
-                   splits: str | None = None) -> str:
-    """The text of a commented YAML config with every key at its default.
-
-    ``store``, ``labels`` and ``splits`` fill the required keys (placeholders otherwise).
-    """
-    model_defaults = asdict(_model_config_class()())
-    train_defaults = {f.name: getattr(TrainConfig(model=None, store=Path(), labels=Path(), splits=""), f.name)
-                      for f in fields(TrainConfig)}
-    given = {"store": store or "cohort.zarr", "labels": labels or "labels.csv",
-             "splits": splits or "splits/cohort-fold{}.npz"}
-    lines = ["# dsca train configuration: every key with its default. Relative paths are read",
-             "# against this file's folder. Keys of the reference study's config_hier.yaml are",
-             "# accepted too.", ""]
-    for title, keys in _SECTIONS:
-        lines += [f"# --- {title} " + "-" * max(0, 86 - len(title)), ""]
-        for key, meaning in keys:
-            if key in given:
-                value: Any = given[key]
-            elif key == "bins_discrete":
-                value = train_defaults["bins"]
-            elif key in model_defaults:
-                value = model_defaults[key]
-                value = "-".join(map(str, value)) if key == "dims" else value
-            elif key == "labels_map":
-                value = None  # the default columns
-            else:
-                value = train_defaults[key]
-            for text in _wrap(meaning):
-                lines.append(f"# {text}")
-            lines.append(yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value},
-                                        default_flow_style=True, width=1000).strip().strip("{}"))
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _wrap(text: str, width: int = 92) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width)
