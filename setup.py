@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "dsca", "dsca.config", "dsca.labels", "dsca.layers", "dsca.metrics",
+        "dsca", "dsca.config", "dsca.labels", "dsca.layers", "dsca.metrics", "dsca.train",
         "dsca.kernels", "dsca.store", "dsca.cli",
     ],
     package_dir={

@@ -54,6 +54,7 @@ class Lookahead(Optimizer):
         return loss
 
     def _sync(self) -> None:
+        """Move every slow copy ``alpha`` of the way to its fast weights; restart those from it."""
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -61,7 +62,7 @@ class Lookahead(Optimizer):
                 slow = self._slow.get((gi, pi))
                 if slow is None:
                     self._slow[(gi, pi)] = p.detach().clone()
-                    continue  # slow == fast: moving half-way and copying back changes nothing
+                    continue  # slow == fast: a step towards fast and the copy back change nothing
                 slow.add_(p - slow, alpha=self.alpha)
                 p.copy_(slow)
 
@@ -88,6 +89,7 @@ class Lookahead(Optimizer):
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: biases and 1-d weights without decay, the rest with."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

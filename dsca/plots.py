@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, MaxNLocator
 
+from dsca.atomic import atomic_path
 from dsca.metrics import kaplan_meier
 
 matplotlib.use("Agg")  # files only; never needs a display (pyplot picks its backend lazily)
@@ -191,7 +192,15 @@ def _curves_figure(histories: Sequence[Sequence[dict[str, float]]], folds: Seque
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` through :func:`dsca.atomic.atomic_path` and close it.
+
+    The temp file's name ends in ``.tmp``, so the format comes from ``path``'s suffix (PNG
+    when it has none), as it would for ``savefig(path)``.
+    """
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path

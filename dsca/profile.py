@@ -225,7 +225,7 @@ def format_table(report: ProfileReport) -> str:
             f"{m.saved_mib:>10.2f} {peak:>9}"
         )
     lines.append(
-        "fwd MAC = analytic multiply-accumulates of the forward (dsca.model.count_macs); "
+        "fwd MAC = analytic multiply-accumulates of the forward (dsca.costs.count_macs); "
         "FLOP = counted, fwd + bwd; FLOP/s = FLOP / (fwd + bwd time); saved = activations kept "
         "for backward; peak = CUDA memory above the module's start"
     )

@@ -1,7 +1,7 @@
 """Progress of long loops: a tqdm bar on a terminal, periodic log lines everywhere else.
 
 Cluster jobs (SLURM, nohup, CI) write stderr to a file: a bar there is either disabled (tqdm's
-``disable=None``) or an unreadable stream of carriage returns, so a 6-hour convert would say
+``disable=None``) or an unreadable stream of carriage returns, so a long convert would say
 nothing until it ends. Off a terminal this logs one INFO line every ``every_s`` seconds or
 ``every_frac`` of the total, whichever comes first, and one at the end.
 """
@@ -58,6 +58,7 @@ class Progress:
                 self._emit(now)
 
     def _emit(self, now: float) -> None:
+        """Log one progress line (count, rate, time left) and restart the cadence from it."""
         elapsed = now - self._t0
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if self.total:

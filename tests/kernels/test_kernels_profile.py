@@ -39,7 +39,7 @@ def test_profile_flops_match_flop_counter_and_rows_add_up() -> None:
     # the x20 stream is where the work is: it must get FLOPs and time attributed to it
     x20 = next(m for m in report.modules if m.name.startswith("patchx20"))
     assert x20.flops > 0 and x20.fwd_ms > 0 and x20.bwd_ms > 0 and x20.saved_mib > 0
-    # the analytic forward MACs of dsca.model.count_macs, split over the same modules
+    # the analytic forward MACs of dsca.costs.count_macs, split over the same modules
     total_macs = count_macs({**CFG, "capool_backend": "torch"}, 9)["total"]
     assert sum(m.fwd_macs for m in report.modules) == report.total.fwd_macs == total_macs
     assert x20.fwd_macs > 0 and all(m.fwd_macs > 0 for m in report.modules if m.params)

@@ -122,20 +122,20 @@ class _Killed(BaseException):
 
 
 def test_resume_continues_a_killed_fold(small_config, tmp_path, monkeypatch):
-    import dsca.train
+    import dsca.train.fold
 
     cfg = load_config(small_config(epochs=3, folds=[0]))
     full = train_cross_validation(cfg, tmp_path / "full")
     # a run killed right after the last.pt of its epoch 2 was written
     run = tmp_path / "run"
-    real_save = dsca.train._save_last
+    real_save = dsca.train.fold._save_last
 
     def save_then_die(path, run_id, fold, epoch, *args):
         real_save(path, run_id, fold, epoch, *args)
         if epoch == 1:
             raise _Killed
 
-    monkeypatch.setattr(dsca.train, "_save_last", save_then_die)
+    monkeypatch.setattr(dsca.train.fold, "_save_last", save_then_die)
     with pytest.raises(_Killed):
         train_cross_validation(cfg, run)
     monkeypatch.undo()
@@ -253,7 +253,7 @@ class _Samples(torch.utils.data.Dataset):
 def test_last_incomplete_group(last_group, steps):
     """5 patients in groups of 2: the reference never back-propagates the fifth (drop, the
     default); 'step' steps it too. Either way every patient's output is collected."""
-    from dsca.train import _train_epoch
+    from dsca.train.steps import train_epoch as _train_epoch
 
     cfg = parse_config({"store": "x", "labels": "y", "splits": "z{}", "dims": "32-16-16-4",
                         "tra_nhead": 2, "bp_every_iters": 2, "last_group": last_group})
@@ -274,7 +274,7 @@ def test_last_incomplete_group(last_group, steps):
 def test_early_stopping_rules_of_the_reference():
     """Ties count as improvements; patience counts bad epochs after the best; no stop at or
     before es_start_epoch; nothing is recorded during the warm-up."""
-    from dsca.train import _EarlyStop
+    from dsca.train.early_stop import EarlyStop as _EarlyStop
 
     stop = _EarlyStop(patience=2, warmup=1, start_epoch=0, mode="min")
     assert not stop.update(0, 0.1)  # warm-up: even a good value is not recorded
@@ -339,7 +339,7 @@ def test_loader_workers_capped():
     stays in this process, where the cache lives."""
     import os
 
-    from dsca.train import _loader
+    from dsca.train.data import patient_loader as _loader
 
     base = {"store": "x", "labels": "y", "splits": "z{}"}
     ds = _Samples(_patients(2))

@@ -1,5 +1,5 @@
 """Run semantics: output folders, resume, fold subsets, failed folds, checkpoints (dsca.train,
-dsca.rundir, dsca.checkpoint)."""
+dsca.train.rundir, dsca.train.checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dsca.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dsca.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dsca.cli.dsca_main import main
 from dsca.config import load_config
-from dsca.rundir import RunDirError
+from dsca.train.rundir import RunDirError
 from dsca.train import train_cross_validation
 
 
@@ -34,8 +34,8 @@ def test_a_non_empty_output_folder_needs_resume_or_overwrite(small_config, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     assert _train(config, out) == 0
-    # --overwrite knows every file a run writes (its list lives in dsca.rundir)
-    from dsca.rundir import _FOLD_FILES, _RUN_FILES
+    # --overwrite knows every file a run writes (its list lives in dsca.train.rundir)
+    from dsca.train.rundir import _FOLD_FILES, _RUN_FILES
 
     assert {p.name for p in out.iterdir() if p.is_file()} <= _RUN_FILES
     assert {p.name for p in (out / "fold0").iterdir()} <= _FOLD_FILES
@@ -78,9 +78,9 @@ def test_resume_refuses_a_changed_config_naming_the_keys(small_config, tmp_path,
 def test_a_fold_with_nan_predictions_fails_alone(small_config, tmp_path, capsys, monkeypatch):
     """A fold whose model predicts NaN is recorded as failed with its reason; the other folds
     are trained and reported; the exit status is 1."""
-    import dsca.train
+    import dsca.train.fold
 
-    real_predict = dsca.train._predict
+    real_predict = dsca.train.fold.predict
 
     def nan_in_fold1(model, dataset, cfg, device, desc):
         out = real_predict(model, dataset, cfg, device, desc)
@@ -88,7 +88,7 @@ def test_a_fold_with_nan_predictions_fails_alone(small_config, tmp_path, capsys,
             out.out[0] = float("nan")
         return out
 
-    monkeypatch.setattr(dsca.train, "_predict", nan_in_fold1)
+    monkeypatch.setattr(dsca.train.fold, "predict", nan_in_fold1)
     out = tmp_path / "run"
     assert _train(small_config(epochs=2, folds=[0, 1]), out) == 1
     err = capsys.readouterr().err
@@ -110,12 +110,12 @@ def test_a_fold_with_nan_predictions_fails_alone(small_config, tmp_path, capsys,
 
 def test_a_fold_never_evaluates_another_runs_weights(small_config, tmp_path, capsys, monkeypatch):
     """Another run's best.pt where this run's should be is refused by name, not evaluated."""
-    import dsca.train
+    import dsca.train.fold
 
     config = small_config(epochs=1, folds=[0])
     assert _train(config, tmp_path / "a") == 0
     foreign = (tmp_path / "a" / "fold0" / "best.pt").read_bytes()
-    real_save = dsca.train.save_checkpoint
+    real_save = dsca.train.fold.save_checkpoint
 
     def stale_best(path, *, kind, **state):
         if kind == "best":  # this run's best write lost, the other run's file in its place
@@ -123,7 +123,7 @@ def test_a_fold_never_evaluates_another_runs_weights(small_config, tmp_path, cap
         else:
             real_save(path, kind=kind, **state)
 
-    monkeypatch.setattr(dsca.train, "save_checkpoint", stale_best)
+    monkeypatch.setattr(dsca.train.fold, "save_checkpoint", stale_best)
     assert _train(config, tmp_path / "b") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "best" in err[0] and "written by another run" in err[0]
@@ -132,18 +132,18 @@ def test_a_fold_never_evaluates_another_runs_weights(small_config, tmp_path, cap
 def test_a_kill_between_best_and_last_checkpoint_resumes_exactly(small_config, tmp_path, monkeypatch):
     """Killed after a new best epoch's weights were written but before its last.pt: the
     resumed run equals an uninterrupted one (the early best weights are not taken)."""
-    import dsca.train
+    import dsca.train.fold
 
     cfg = load_config(small_config(epochs=3, folds=[0]))
     full = train_cross_validation(cfg, tmp_path / "full")
-    real_save = dsca.train._save_last
+    real_save = dsca.train.fold._save_last
 
     def die_before_last(path, run_id, fold, epoch, *args):
         if epoch == 1:
             raise KeyboardInterrupt
         real_save(path, run_id, fold, epoch, *args)
 
-    monkeypatch.setattr(dsca.train, "_save_last", die_before_last)
+    monkeypatch.setattr(dsca.train.fold, "_save_last", die_before_last)
     with pytest.raises(KeyboardInterrupt):
         train_cross_validation(cfg, tmp_path / "run")
     monkeypatch.undo()
@@ -219,7 +219,7 @@ def test_checkpoints_round_trip_with_weights_only(tmp_path):
 
 
 def test_run_dir_errors_name_the_folder(tmp_path):
-    from dsca.rundir import open_run_dir
+    from dsca.train.rundir import open_run_dir
 
     (tmp_path / "file").write_text("")
     with pytest.raises(RunDirError, match="is not a folder"):

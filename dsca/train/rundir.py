@@ -56,6 +56,7 @@ class RunDir:
     resumed: bool
 
     def fold_dir(self, fold: int) -> Path:
+        """``fold<k>/`` of this run (not created here)."""
         return self.path / f"fold{fold}"
 
     def folds(self) -> list[int]:
@@ -105,6 +106,7 @@ def open_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrite: 
 
 
 def _read_run_file(out: Path, action: str = "resume") -> dict[str, Any]:
+    """The folder's validated ``run.json``; ``action`` names what was refused in messages."""
     path = out / RUN_FILE
     try:
         run = json.loads(path.read_text())
@@ -122,6 +124,7 @@ def _read_run_file(out: Path, action: str = "resume") -> dict[str, Any]:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``config`` that must not change on resume, as JSON values."""
     # through JSON so that tuples and lists compare equal after a round trip
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in _MAY_CHANGE}))
 
@@ -130,12 +133,13 @@ def _changed_keys(saved: dict[str, Any], config: dict[str, Any]) -> list[tuple[s
     """(key, saved value, new value) of every key that differs; model keys by their own
     names, as the YAML spells them."""
     now = _comparable(config)
-    flat_saved, flat_now = _flat(saved), _flat(now)
+    flat_saved, flat_now = _flatten_model_keys(saved), _flatten_model_keys(now)
     return [(k, flat_saved.get(k), flat_now.get(k)) for k in sorted(set(flat_saved) | set(flat_now))
             if k not in _MAY_CHANGE and flat_saved.get(k) != flat_now.get(k)]
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
+def _flatten_model_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the keys of its ``model`` section moved to the top level."""
     model = config.get("model")
     rest = {k: v for k, v in config.items() if k != "model"}
     return {**rest, **model} if isinstance(model, dict) else config
