@@ -5,27 +5,26 @@ by `label` (the caller's choice of `folder/file` or `run/folder/file`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
+from dsca.store.errors import ClamError
 from dsca.store.provenance import SourceRecord, read_source
 
-__all__ = ["ClamError", "ZIP_MAGIC", "check_h5_stored", "first_difference", "load_pt", "plain", "read_bytes",
-           "short_reason"]
+__all__ = ["ClamError", "ZIP_MAGIC", "check_h5_stored", "first_difference", "h5_dataset", "load_pt", "plain",
+           "read_bytes", "read_h5", "short_reason"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 Label = Callable[[Path], str]
-
-
-class ClamError(Exception):
-    """An input file that cannot be used; the message is the one-line reason."""
 
 
 def short_reason(exc: BaseException) -> str:
@@ -83,6 +82,34 @@ def check_h5_stored(dset: Any, what: str) -> None:
     if declared and stored < limit:
         raise ClamError(f"{what} declares shape {tuple(dset.shape)} ({declared / 1e6:.1f} MB) but the file stores "
                         f"{stored / 1e6:.3f} MB of it: truncated, or never written")
+
+
+@contextlib.contextmanager
+def read_h5(path: Path, label: Label) -> Iterator[tuple[h5py.File, SourceRecord]]:
+    """An h5 file read once into memory and opened, with its provenance record.
+
+    h5py raises many exception types for a damaged file; any of them, also from the caller's
+    reads inside the block, becomes one ClamError naming the file.
+    """
+    data, source = read_bytes(path, label)
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            yield f, source
+    except ClamError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise ClamError(f"{label(path)}: unreadable or truncated h5 ({short_reason(exc)})") from None
+
+
+def h5_dataset(f: h5py.File, name: str, path: Path, label: Label, required: bool = True) -> h5py.Dataset | None:
+    """Dataset `name` of `f`, checked to store what it declares; None when absent and not `required`."""
+    dset = f.get(name)
+    if not isinstance(dset, h5py.Dataset):
+        if required:
+            raise ClamError(f"{label(path)}: no '{name}' dataset")
+        return None
+    check_h5_stored(dset, f"{label(path)} {name}")
+    return dset
 
 
 def _numpy_safe_globals() -> list[Any]:

@@ -1,4 +1,8 @@
-"""Constants of the `dsca-store/1` layout and the codec presets it may be written with."""
+"""Constants of the `dsca-store/1` layout and the codec presets it may be written with.
+
+The block geometry (`SCALE`, `BLOCK`: 4x4 x20 patches per x5 patch) is the model's as much as
+the store's and lives in :mod:`dsca.coords`.
+"""
 from __future__ import annotations
 
 import json
@@ -11,20 +15,18 @@ import numpy as np
 import zarr.codecs as zc
 
 FORMAT = "dsca-store/1"
-SCALE = 4  # one x5 patch = SCALE x SCALE x20 patches
-BLOCK = SCALE * SCALE
 LEVELS = {"x5": 2, "x20": 1}
 SLIDES = "slides"
 ARRAYS = ("x5", "x20", "coords", "grid", "grid_index")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 # Target size of one inner (decodable) chunk: big enough that per-chunk overhead is noise,
-# small enough that region reads touch little extra data (ARCHITECTURE: 1-4 MiB).
+# small enough that region reads touch little extra data (docs/ARCHITECTURE.md, Store format).
 CHUNK_BYTES = 2 << 20
 
-# Chosen by measurement (README "codecs"): float16 activations barely compress (zstd-1 saves
-# ~10% at ~1 GB/s decode), so the default keeps bytes raw and only appends a checksum; the
-# presets stay selectable for features that compress better (e.g. sparse post-ReLU vectors).
+# Chosen by measurement (README, codecs): float16 activations barely compress, so the default
+# keeps bytes raw and only appends a checksum; the presets stay selectable for features that
+# compress better (e.g. sparse post-ReLU vectors).
 DEFAULT_CODEC = "none"
 
 

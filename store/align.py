@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
+from dsca.coords import SCALE
 from dsca.progress import Progress
-from dsca.store._layout import SCALE, slide_id_problem
+from dsca.store._layout import slide_id_problem
 from dsca.store.clam import ClamError, CoordsFile, find_coords_dir, index_dir, read_coords, write_coords
 
 __all__ = ["block_offsets", "align_coords", "aligned_attrs", "check_alignment", "align_dir", "AlignReport"]

@@ -12,11 +12,11 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from dsca.labels import LABEL_COLUMNS
 from dsca.store.reader import CHECKED_DEFAULT, FeatureStore
 
+# LABEL_COLUMNS is re-exported: the dataset's label tensor holds these columns in this order
 __all__ = ["PatientDataset", "PatientSample", "LABEL_COLUMNS"]
-
-LABEL_COLUMNS = ("t", "e", "y_t", "y_c")
 
 
 class PatientSample(NamedTuple):

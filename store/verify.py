@@ -12,10 +12,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from dsca.coords import BLOCK
 from dsca.progress import Progress
-from dsca.store._layout import ARRAYS, BLOCK, SLIDES, complete_slides, slide_id_problem
+from dsca.store._layout import ARRAYS, SLIDES, complete_slides, slide_id_problem
+from dsca.store.attr_checks import slide_attrs_problem
+from dsca.store.errors import StoreError
 from dsca.store.provenance import source_changes
-from dsca.store.reader import FeatureStore, StoreError, slide_attrs_problem
+from dsca.store.reader import FeatureStore
 
 __all__ = ["StoreInfo", "store_info", "verify_store", "VerifyReport"]
 
@@ -120,7 +123,7 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_slide(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
+def _slide_data_problem(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
     """Read every chunk of a slide through zarr (which checks each crc32c) and its invariants.
 
     zarr reads a chunk that is missing from a shard, or a shard file that is missing, as fill
@@ -219,8 +222,8 @@ def _consolidated_diffs(p: Path, consolidated: dict[str, Any], sid: str) -> list
     for name in sorted(nodes):
         mine, theirs = consolidated.get(f"{key}/{name}", _ABSENT), _read_json(folder / name / "zarr.json")
         if mine is _ABSENT or theirs is _ABSENT:
-            where = "the consolidated metadata only" if theirs is _ABSENT else "the slide's own metadata only"
-            diffs.append(f"{name} is in {where}")
+            only_in = "the consolidated metadata only" if theirs is _ABSENT else "the slide's own metadata only"
+            diffs.append(f"{name} is in {only_in}")
             continue
         attrs = ({}, {})
         if isinstance(mine, dict) and isinstance(theirs, dict):
@@ -292,7 +295,7 @@ def _slide_problems(p: Path, root: zarr.Group, own: FeatureStore, consolidated: 
     if bad_attrs:
         return [*problems, f"{bad_attrs} (in slides/{sid}/zarr.json; convert it again with --overwrite)"]
     try:
-        reason = _check_slide(root, own, sid, attrs, dim, dtype)
+        reason = _slide_data_problem(root, own, sid, attrs, dim, dtype)
         if reason is None and sources:
             recorded = attrs.get("sources", {})
             changes = source_changes(recorded, {role: rec.get("path") for role, rec in recorded.items()})
