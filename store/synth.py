@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from dsca.atomic import atomic_write
 from dsca.coords import BLOCK
+from dsca.splits import Split, write_splits
 from dsca.store.align import align_dir
 from dsca.store.clam import write_coords
 from dsca.store.synth_spec import SynthSpec, check_spec
@@ -320,20 +321,23 @@ def _plot_previews(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray,
 
 
 def _write_splits(folder: Path, patients: list[str], event: np.ndarray, spec: SynthSpec) -> list[Path]:
-    """K folds stratified by event: fold k tests one part, validates on 1/(K-1) of the rest."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """K folds stratified by event: fold k tests one part, validates on 1/(K-1) of the rest.
+
+    The files go through :func:`dsca.splits.write_splits` (the one writer of the split format).
+    The fold assignment stays this simpler event-only scheme rather than
+    :func:`dsca.splits.make_splits` (which also stratifies by time bin): the demo's folds, and
+    so the README's demo numbers, are defined by it.
+    """
     rng = np.random.default_rng(spec.seed + 1)
     ids = np.asarray(patients)
     part = np.empty(len(ids), dtype=np.int64)
     for e in (0, 1):
         idx = rng.permutation(np.flatnonzero(event == e))
         part[idx] = np.arange(len(idx)) % spec.folds
-    paths = []
+    splits = []
     for k in range(spec.folds):
-        test = ids[part == k]
         rest = rng.permutation(ids[part != k])
         n_val = max(1, len(rest) // (spec.folds - 1)) if spec.folds > 1 else 0
-        path = folder / f"synth-seed{spec.seed}-fold{k}.npz"
-        np.savez(path, train_patients=rest[n_val:], val_patients=rest[:n_val], test_patients=test)
-        paths.append(path)
-    return paths
+        splits.append(Split(train=rest[n_val:].tolist(), val=rest[:n_val].tolist(),
+                            test=ids[part == k].tolist()))
+    return write_splits(splits, folder, f"synth-seed{spec.seed}")
