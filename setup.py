@@ -27,8 +27,9 @@ setup(
         "dsca.cli": "cli",
     },
     install_requires=[
-        # Accepts the CPU build that lies on the developers' disk (2.13) and newer CUDA builds.
-        "torch>=2.4",
+        # 2.6: torch.library.triton_op (the Triton kernels inside torch.compile graphs); accepts
+        # the CPU build on the developers' disk (2.13) and newer CUDA builds.
+        "torch>=2.6",
         "triton>=3.0",
         "zarr>=3.1,<4",  # atomic metadata writes + fork handling the store relies on
         "numcodecs>=0.15",

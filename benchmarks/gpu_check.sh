@@ -7,8 +7,13 @@
 # Assumes a python3 that already has a CUDA build of torch, triton, pytest and pytest-benchmark
 # (as on the project's GPU image, which has no network): dsca itself is installed with
 # --no-deps. DTYPES=bf16 (default) or "bf16 fp32" picks the benchmarked dtypes.
+# Every CUDA branch of dsca runs once: kernel tests, whole-model Triton vs torch equality,
+# training with bf16 and fp16 autocast, --resume after a kill -9, torch.compile of the model,
+# cuda:1 when a second GPU exists, dsca profile. Missing optional pieces are skipped and said.
 # Writes under $OUT: env.txt, kernel_tests.txt/.xml, capool_bench.json, capool_bench.txt,
-# capool_table.md (also printed), capool_table.png, profile_{torch,triton}.txt/.json.
+# capool_table.md (also printed), capool_table.png, train_step.json, compile.json,
+# second_gpu.json, train_{bf16,fp16,resume,cuda1}.txt, profile_{torch,triton}.txt/.json,
+# summary.md and summary.json (pass/fail of every check and goal).
 set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -127,6 +132,85 @@ fig.savefig(dst.replace(".md", ".png"), dpi=120)
 PYEOF
 [ $? -eq 0 ] || status=1
 
+# --- whole model on CUDA: training step vs plain, torch.compile, a second GPU -------------------
+checks=""
+record() {  # record NAME STATUS: one line of the summary
+  checks="$checks$1 $2"$'\n'
+  [ "$2" = pass ] || [ "$2" = skipped ] || status=1
+}
+if "$PY" -c 'import nystrom_attention' 2>/dev/null; then
+  for check in train-step compile second-gpu; do
+    name="${check//-/_}"
+    if TRITON_INTERPRET=0 "$PY" benchmarks/gpu_model_check.py "$check" "$OUT/$name.json" \
+        >"$OUT/$name.txt" 2>&1; then record "$check" pass; else record "$check" FAIL; fi
+  done
+
+  # --- dsca train on CUDA: bf16 and fp16 autocast, --resume after kill -9, cuda:1 ----------------
+  work="$OUT/train_work"
+  rm -rf "$work"
+  if TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main -q demo --out "$work/demo" --patients 60 \
+      --epochs 2 --folds 0 --no-control --device cuda >"$OUT/train_bf16.txt" 2>&1; then
+    record "train-amp-auto(bf16)" pass
+  else
+    record "train-amp-auto(bf16)" FAIL
+  fi
+  cfg="$work/demo/signal.yaml"
+  variant() {  # variant NAME KEY=VALUE...: a copy of the demo's config with keys replaced
+    "$PY" - "$cfg" "$work/$1.yaml" "${@:2}" <<'PYEOF'
+import sys
+
+import yaml
+
+src, dst, *pairs = sys.argv[1:]
+cfg = yaml.safe_load(open(src))
+for pair in pairs:
+    key, value = pair.split("=", 1)
+    cfg[key] = yaml.safe_load(value)
+yaml.safe_dump(cfg, open(dst, "w"))
+PYEOF
+  }
+  if [ -f "$cfg" ]; then
+    variant fp16 amp=fp16 epochs=2 folds=[0]
+    if TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main -q train --config "$work/fp16.yaml" \
+        --out "$work/fp16" --device cuda >"$OUT/train_fp16.txt" 2>&1; then
+      record train-amp-fp16 pass; else record train-amp-fp16 FAIL; fi
+
+    variant resume epochs=6 es_patience=null folds=[0]
+    TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main -q train --config "$work/resume.yaml" \
+      --out "$work/resume" --device cuda >"$OUT/train_resume.txt" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 600); do  # kill -9 once the first epoch's last.pt exists
+      [ -f "$work/resume/fold0/last.pt" ] && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    kill -9 "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    if TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main -q train --config "$work/resume.yaml" \
+        --out "$work/resume" --device cuda --resume >>"$OUT/train_resume.txt" 2>&1 \
+        && [ -f "$work/resume/metrics.json" ] \
+        && grep -q "resumed after epoch" "$work/resume/train.log"; then
+      record train-resume-after-kill pass; else record train-resume-after-kill FAIL; fi
+
+    if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+      if TRITON_INTERPRET=0 "$PY" -m dsca.cli.dsca_main -q train --config "$work/fp16.yaml" \
+          --out "$work/cuda1" --device cuda:1 >"$OUT/train_cuda1.txt" 2>&1; then
+        record train-cuda1 pass; else record train-cuda1 FAIL; fi
+    else
+      record train-cuda1 skipped
+      echo "gpu_check: one GPU: --device cuda:1 skipped" >"$OUT/train_cuda1.txt"
+    fi
+  else
+    record train-amp-fp16 FAIL
+    record train-resume-after-kill FAIL
+  fi
+else
+  for check in train-step compile second-gpu train-amp-auto train-amp-fp16 train-resume train-cuda1; do
+    record "$check" skipped
+  done
+  echo "gpu_check: nystrom_attention is not installed: whole-model checks skipped (carry its wheel)"
+fi
+
 # --- whole-model profile per CAPool backend (needs the model's dependency nystrom-attention) ----
 if "$PY" -c 'import nystrom_attention' 2>/dev/null; then
   for backend in torch triton; do
@@ -137,6 +221,31 @@ if "$PY" -c 'import nystrom_attention' 2>/dev/null; then
 else
   echo "gpu_check: nystrom_attention is not installed: dsca profile skipped (carry its wheel)"
 fi
+
+# --- summary: every check and goal, pass or fail --------------------------------------------------
+"$PY" - "$OUT" "$checks" <<'PYEOF'
+import json
+import pathlib
+import sys
+
+out, checks = pathlib.Path(sys.argv[1]), sys.argv[2]
+rows = [line.split(" ", 1)[::-1] for line in checks.splitlines() if line.strip()]
+goals = []
+step = out / "train_step.json"
+if step.is_file():
+    goals += json.loads(step.read_text()).get("goals", [])
+table = out / "capool_table.md"
+lines = ["# gpu_check summary", "", "| check | result |", "|---|---|"]
+lines += [f"| {name} | {result} |" for result, name in rows]
+lines += ["", "## Goals", ""]
+lines += [f"- {g['goal']}: {g['value']:.2f} ({'met' if g['met'] else 'NOT met'})" for g in goals]
+if table.is_file():
+    lines += [line for line in table.read_text().splitlines() if line.startswith("- ")]
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+(out / "summary.json").write_text(json.dumps({"checks": dict((n, r) for r, n in rows),
+                                              "goals": goals}, indent=1))
+print("\n".join(lines))
+PYEOF
 
 echo "gpu_check: results in $OUT (exit $status)"
 exit $status

@@ -30,7 +30,7 @@ from dsca.kernels import CAPoolWeights, capool, capool_folded, capool_plain
 C = 384
 HEADS = 4
 IMPLS = ("plain", "folded", "compiled", "triton")
-CUDA_MS = (256, 1024, 4096, 16384)
+CUDA_MS = (1024, 4096, 16384, 65536)
 CPU_MS = (256, 1024)
 
 # one compiled graph per (M, dtype, mode): raise dynamo's per-function recompile limit

@@ -5,6 +5,12 @@ also compile each (kernel, config, dtype, arch) down to a cubin here, on a machi
 GPU. Run it in a process where TRITON_INTERPRET is unset: interpreted kernels cannot compile.
 
     python -m dsca.kernels.aot --arch 70 80 90 --dtype fp32 fp16 bf16
+    python -m dsca.kernels.aot --report            # + registers, spills, shared memory, and the
+                                                   # bandwidth model of each config (below)
+
+Resource usage comes from Triton's bundled ``ptxas -v`` on each kernel's PTX. The bandwidth
+model (``kernels/_roofline.py``) gives each kernel's bytes and FLOPs per block, its time at
+the GPU's DRAM bandwidth, and whether a config keeps enough loads in flight to reach half of it.
 """
 from __future__ import annotations
 
@@ -12,9 +18,13 @@ import argparse
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dsca.kernels.interpreter import interpreter_requested
 
@@ -53,11 +63,15 @@ def compile_jobs(
     jobs = []
     for arch in archs:
         for dtype in dtypes:
-            for cfg in autotune_configs():
-                for bh in block_h:
-                    common = (arch, dtype, cfg.kwargs["BLOCK_C"], cfg.num_warps, cfg.num_stages, bh)
-                    jobs.append(CompileJob("fwd", *common))
-                    jobs.extend(CompileJob("bwd", *common, has_gp=gp) for gp in has_gp)
+            for bh in block_h:
+                for kernel in ("fwd", "bwd"):
+                    for cfg in autotune_configs(kernel):
+                        common = (arch, dtype, cfg.kwargs["BLOCK_C"], cfg.num_warps,
+                                  cfg.num_stages, bh)
+                        if kernel == "fwd":
+                            jobs.append(CompileJob("fwd", *common))
+                        else:
+                            jobs.extend(CompileJob("bwd", *common, has_gp=gp) for gp in has_gp)
     return jobs
 
 
@@ -90,10 +104,37 @@ def run_job(job: CompileJob) -> dict:
         )
         result.update(ok="cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, error="")
         result["shared_bytes"] = int(compiled.metadata.shared)
+        result.update(ptxas_usage(compiled.asm["ptx"]))
     except Exception as exc:  # noqa: BLE001 - every compiler failure is a finding to report
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         result.update(ok=False, error=f"{type(exc).__name__}: {first_line}")
     return result
+
+
+_USAGE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_store_bytes": re.compile(r"(\d+) bytes spill stores"),
+    "spill_load_bytes": re.compile(r"(\d+) bytes spill loads"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers, spills and stack of a kernel from ``ptxas -v`` (the ptxas Triton bundles), for
+    the target the PTX names."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    # the ptxas Triton itself assembles this target with (sm_90+ uses a newer one)
+    ptxas = get_ptxas(int(re.sub(r"\D", "", target.group(1)))).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([str(ptxas), "-v", f"--gpu-name={target.group(1)}", str(src),
+                              "-o", str(Path(tmp) / "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    return {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in _USAGE.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="backward only with dL/dattention")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--json", help="write every result here")
+    parser.add_argument("--report", action="store_true",
+                        help="print resource usage and the bandwidth model of every config")
     args = parser.parse_args(argv)
     if interpreter_requested():
         print("error: unset TRITON_INTERPRET to compile for GPU targets", file=sys.stderr)
@@ -121,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
             f"HAS_GP={r['has_gp']}: {r['error']}"
         )
     print(f"compiled {len(results) - len(failed)}/{len(results)} kernel specializations")
+    if args.report:
+        from dsca.kernels._roofline import annotate, format_report
+
+        results = [annotate(r) if r["ok"] else r for r in results]
+        print(format_report(results))
+        # the verdict binds the head tile DSCA launches (4 heads); others are for information
+        rework = [r for r in results if r["ok"] and not r["keeps_bandwidth"] and r["block_h"] == 4]
+        for r in rework:
+            print(f"REWORK {r['kernel']} sm_{r['arch']} {r['dtype']} BLOCK_C={r['block_c']} "
+                  f"warps={r['num_warps']} stages={r['num_stages']}: spills or < 50% of bandwidth")
+        failed += rework
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)

@@ -109,6 +109,8 @@ def norm_relu_attend(norm: nn.LayerNorm):
     to its rows: (k_dir [M, H, C], conv rows [M, 16, C]) -> (pooled rows [M, H, C],
     probabilities [M, H, 16])."""
 
+    # eager under torch.compile: its chunk loop would pin every bag size (a CPU-only form)
+    @torch.compiler.disable
     def attend(k_dir: Tensor, conv_rows: Tensor) -> tuple[Tensor, Tensor]:
         return _NormReluAttend.apply(conv_rows, norm.weight, norm.bias, norm.eps, k_dir)
 

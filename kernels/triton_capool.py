@@ -20,6 +20,7 @@ Half-precision inputs are accumulated in fp32; p is kept in fp32 for the backwar
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import FunctionCtx
 from torch.utils.flop_counter import register_flop_formula
 
@@ -40,29 +42,51 @@ __all__ = ["INTERPRETED", "attend_pool_triton", "autotune_configs"]
 INTERPRETED: bool = interpreter_requested()
 
 
-def autotune_configs() -> list[triton.Config]:
-    """Every config the GPU autotuner may pick (also compiled ahead of time by the tests).
-
-    BLOCK_C x warps pairs keep about 8-32 fp32 values of the [H, 16, BLOCK_C] tile per thread;
-    stages > 1 lets the C loop prefetch the next chunk.
-    """
-    return [
-        triton.Config({"BLOCK_C": bc}, num_warps=w, num_stages=s)
-        for bc, w, s in ((32, 2, 1), (32, 4, 1), (64, 4, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2))
-    ]
+# (BLOCK_C, warps, stages): each pair keeps about 8-32 fp32 values of the [H, 16, BLOCK_C] tile
+# per thread; stages > 1 lets the C loop prefetch the next chunk.
+_FWD_CONFIGS = ((32, 2, 1), (32, 4, 1), (64, 4, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2))
+# The backward streams g, k and x in each chunk: without prefetching (one stage) it cannot keep
+# enough loads in flight to reach half of an H100/H200's bandwidth by the model in
+# kernels/_roofline.py (`python -m dsca.kernels.aot --report`), so its configs all prefetch.
+_BWD_CONFIGS = ((64, 4, 2), (128, 4, 2), (128, 8, 2))
 
 
-def _configs() -> list[triton.Config]:
+def autotune_configs(kernel: str = "fwd") -> list[triton.Config]:
+    """Every config the GPU autotuner may pick for ``kernel`` ("fwd" or "bwd"); the tests also
+    compile each ahead of time."""
+    table = {"fwd": _FWD_CONFIGS, "bwd": _BWD_CONFIGS}[kernel]
+    return [triton.Config({"BLOCK_C": bc}, num_warps=w, num_stages=s) for bc, w, s in table]
+
+
+def _configs(kernel: str) -> list[triton.Config]:
     # The interpreter would "benchmark" every config on the CPU: give it one.
     if INTERPRETED:
         return [triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=1)]
-    return autotune_configs()
+    return autotune_configs(kernel)
 
 
 def _m_bucket(m: int) -> int:
     """Autotune key for M: its power-of-two bucket, so slides of varied sizes reuse a tuning
-    (keying on M itself would re-tune for every slide). ``int`` specializes a symbolic M."""
+    (keying on M itself would re-tune for every slide).
+
+    While ``torch.compile`` traces, M is symbolic and ``int(M)`` would guard on its value (a
+    recompile for every new slide size): one fixed bucket is used there instead, so compiled
+    graphs share one tuning per C.
+    """
+    if torch.compiler.is_compiling():
+        return 0
     return max(int(m), 1).bit_length()
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one (``cuda:1``).
+
+    Only for a real launch: while tracing (fake tensors, torch.compile) nothing is launched,
+    and the compiled graph's own device guard covers the launch it generates.
+    """
+    if not t.is_cuda or is_fake(t) or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +201,9 @@ def _capool_bwd_kernel(
         tl.store(dx_base + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_c[None, :])
 
 
-_capool_fwd = triton.autotune(configs=_configs(), key=["C", "M_BUCKET"])(_capool_fwd_kernel)
+_capool_fwd = triton.autotune(configs=_configs("fwd"), key=["C", "M_BUCKET"])(_capool_fwd_kernel)
 # dk/dx are written whole by every config, so re-running configs while tuning is harmless.
-_capool_bwd = triton.autotune(configs=_configs(), key=["C", "M_BUCKET"])(_capool_bwd_kernel)
+_capool_bwd = triton.autotune(configs=_configs("bwd"), key=["C", "M_BUCKET"])(_capool_bwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,12 +223,13 @@ def _launch_fwd(k_dir: Tensor, x20: Tensor, wrap: _Wrap = _identity) -> tuple[Te
     p = torch.empty((M, H, BLOCK), dtype=torch.float32, device=k_dir.device)
     if M == 0:
         return r, p
-    wrap(_capool_fwd)[(M,)](
-        k_dir, x20, r, p,
-        H, C, _m_bucket(M),
-        *k_dir.stride(), *x20.stride(), *r.stride(),
-        BLOCK_H=triton.next_power_of_2(H),
-    )
+    with _on_device(k_dir):
+        wrap(_capool_fwd)[(M,)](
+            k_dir, x20, r, p,
+            H, C, _m_bucket(M),
+            *k_dir.stride(), *x20.stride(), *r.stride(),
+            BLOCK_H=triton.next_power_of_2(H),
+        )
     return r, p
 
 
@@ -224,12 +249,13 @@ def _launch_bwd(
         return dk, dx
     has_gp = grad_p is not None
     gp = grad_p.contiguous() if has_gp else p  # p stands in as an unread placeholder
-    wrap(_capool_bwd)[(M,)](
-        grad_r, gp, k_dir, x20, p.contiguous(), dk, dx,
-        H, C, _m_bucket(M),
-        *grad_r.stride(), *k_dir.stride(), *x20.stride(),
-        HAS_GP=has_gp, BLOCK_H=triton.next_power_of_2(H),
-    )
+    with _on_device(k_dir):
+        wrap(_capool_bwd)[(M,)](
+            grad_r, gp, k_dir, x20, p.contiguous(), dk, dx,
+            H, C, _m_bucket(M),
+            *grad_r.stride(), *k_dir.stride(), *x20.stride(),
+            HAS_GP=has_gp, BLOCK_H=triton.next_power_of_2(H),
+        )
     return dk, dx
 
 

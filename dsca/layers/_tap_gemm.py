@@ -17,7 +17,6 @@ from einops import rearrange
 from torch import Tensor
 
 from dsca.coords import BLOCK, SCALE
-from dsca.layers._autocast import apply_autocast
 
 __all__ = ["per_tap_block_conv3x3"]
 
@@ -71,6 +70,21 @@ _TAP_RUNS = _tap_runs()
 _M_CHUNK = 256
 
 
+def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """[C, D, 3, 3] -> [3, 3, C, D] in ``dtype``: each tap's matrix contiguous."""
+    return rearrange(weight.to(dtype), "co ci kr kc -> kr kc co ci").contiguous()
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """total += a @ b. When total is wider than the product (fp32 weight gradient of a bf16 or
+    fp16 pass) each chunk's product is added in total's precision, so the sum over chunks is
+    not rounded to the half type at every step."""
+    if total.dtype == a.dtype:
+        total.addmm_(a, b)
+    else:
+        total.add_(a @ b)
+
+
 def _rows(start: int, length: int, m: int) -> slice:
     """The rows of positions ``start .. start + length - 1`` in a position-major [16 m, .]
     matrix of m blocks."""
@@ -95,8 +109,13 @@ class _BlockConv3x3(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
+        # the products run in x's dtype; weight and bias keep theirs (fp32 master weights under
+        # autocast), so their gradients are accumulated and returned in it
         M = x.shape[0]
-        taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous()  # [3, 3, C, D]
+        taps = _taps(weight, x.dtype)  # [3, 3, C, D]
+        bias_dtype = None if bias is None else bias.dtype
+        if bias is not None:
+            bias = bias.to(x.dtype)
         out = x.new_empty(M, BLOCK, weight.shape[0])
         for m0 in range(0, M, _M_CHUNK):
             xp = _position_major(x[m0:m0 + _M_CHUNK])
@@ -109,7 +128,7 @@ class _BlockConv3x3(torch.autograd.Function):
             out[m0:m0 + m] = rearrange(o, "(p m) c -> m p c", p=BLOCK)
         # x is the caller's: backward redoes the position-major copies instead of keeping them
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias_dtype
         return out
 
     @staticmethod
@@ -119,17 +138,17 @@ class _BlockConv3x3(torch.autograd.Function):
         C = weight.shape[0]
         wants_x, wants_w, wants_b = ctx.needs_input_grad
         grad_x = x.new_empty(x.shape) if wants_x else None
-        gtaps = x.new_zeros(3, 3, C, D) if wants_w else None
-        taps = rearrange(weight, "co ci kr kc -> kr kc co ci").contiguous() if wants_x else None
+        gtaps = weight.new_zeros(3, 3, C, D) if wants_w else None
+        taps = _taps(weight, x.dtype) if wants_x else None
         for m0 in range(0, M, _M_CHUNK):
             gp = _position_major(grad_out[m0:m0 + _M_CHUNK])  # [16 m, C]
             m = gp.shape[0] // BLOCK
             if gtaps is not None:
                 xp = _position_major(x[m0:m0 + m])
-                gtaps[1, 1].addmm_(gp.t(), xp)
+                _accumulate(gtaps[1, 1], gp.t(), xp)
                 for t in _TAP_RUNS:
-                    gtaps[t.kr, t.kc].addmm_(
-                        gp[_rows(t.out_start, t.length, m)].t(), xp[_rows(t.in_start, t.length, m)])
+                    _accumulate(gtaps[t.kr, t.kc], gp[_rows(t.out_start, t.length, m)].t(),
+                                xp[_rows(t.in_start, t.length, m)])
                 del xp
             if grad_x is not None:
                 gx = gp @ taps[1, 1]
@@ -140,10 +159,15 @@ class _BlockConv3x3(torch.autograd.Function):
         grad_w = None
         if gtaps is not None:
             grad_w = rearrange(gtaps, "kr kc co ci -> co ci kr kc").contiguous()
-        grad_b = grad_out.sum(dim=(0, 1)) if ctx.has_bias and wants_b else None
+        grad_b = None
+        if ctx.bias_dtype is not None and wants_b:
+            grad_b = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
         return grad_x, grad_w, grad_b
 
 
+# The chunk loop depends on M: traced by torch.compile it would pin every bag size. The CPU form
+# runs eagerly between compiled graphs instead (on CUDA the model uses conv2d, which compiles).
+@torch.compiler.disable
 def per_tap_block_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """:func:`dsca.layers.conv.block_conv3x3` as per-tap GEMMs over the real taps only.
 
@@ -154,6 +178,13 @@ def per_tap_block_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None)
 
     Returns:
         [M, 16, C], equal to ``conv2d`` on the [M, D, 4, 4] square view. Under autocast the
-        products run in the autocast dtype.
+        products run in the autocast dtype; the weight and bias gradients are accumulated in
+        their own (fp32) dtype.
     """
-    return apply_autocast(_BlockConv3x3.apply, x, weight, bias)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _BlockConv3x3.apply(x, weight, bias)
+    # in-place/out= products are not autocast by torch: run in the autocast dtype explicitly,
+    # keeping the fp32 weight (its gradient is accumulated in fp32)
+    with torch.autocast(device, enabled=False):
+        return _BlockConv3x3.apply(x.to(torch.get_autocast_dtype(device)), weight, bias)

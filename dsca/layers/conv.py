@@ -51,8 +51,10 @@ def block_conv3x3_plain(x: Tensor, weight: Tensor, bias: Tensor | None = None) -
 def block_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``nn.Conv2d(D, C, 3, padding=1)`` applied to every 4x4 block, in channel-last layout.
 
-    Computed per kernel tap (:func:`~dsca.layers._tap_gemm.per_tap_block_conv3x3`): equal to
-    :func:`block_conv3x3_plain` by
+    On CUDA this is :func:`block_conv3x3_plain` (one cuDNN convolution). Elsewhere it is
+    computed per kernel tap (:func:`~dsca.layers._tap_gemm.per_tap_block_conv3x3`), which skips
+    the zero taps and the im2col buffers that make the CPU convolution the slower form (README,
+    "The DSCA model"); equal to :func:`block_conv3x3_plain` by
     ``tests/model/test_model_layers.py::test_per_tap_block_conv_equals_conv2d_values_and_gradients``.
 
     Args:
@@ -63,6 +65,8 @@ def block_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     Returns:
         [M, 16, C]. Under autocast the products run in the autocast dtype.
     """
+    if x.is_cuda:
+        return block_conv3x3_plain(x, weight, bias)
     return per_tap_block_conv3x3(x, weight, bias)
 
 

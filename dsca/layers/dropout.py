@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Dropout", "draw_keep", "keep_mask"]
@@ -59,7 +60,8 @@ def keep_mask(
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout`` with masks from :func:`keep_mask` (same distribution, cheaper draws)."""
+    """``nn.Dropout`` with masks from :func:`keep_mask` on the CPU (same distribution, cheaper
+    draws) and ``F.dropout`` on CUDA; the output keeps the input's dtype."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -71,8 +73,13 @@ class Dropout(nn.Module):
         """x: any shape -> same shape (identity outside training)."""
         if not self.training or round(self.p * _LANES) == 0:
             return x
+        if x.is_cuda:
+            # the cheap-mask draw pays where bernoulli_ is a visible cost of a CPU step
+            # (README, "The DSCA model"); on GPUs torch's fused dropout is the one to use
+            return F.dropout(x, self.p, training=True)
         keep, scale = keep_mask(x.shape, self.p, x.device)
-        return x * (keep * scale)
+        # uint8 mask and a Python scale: the product stays in x's dtype (bf16 under autocast)
+        return x.mul(keep).mul_(scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -33,13 +33,16 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, training: bool)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not training and not needs_grad:
         return F.scaled_dot_product_attention(q, k, v)
+    return _chunked_attention(q, k, v, p if training else 0.0)
+
+
+# eager under torch.compile: the chunk loop over N would pin every bag size (CPU training only)
+@torch.compiler.disable
+def _chunked_attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
+    """[B, H, N, e] -> [B, H, N, e] through :class:`DropoutAttention`."""
     B, H, N, e = q.shape
-    out = apply_autocast(
-        DropoutAttention.apply,
-        q.reshape(B * H, N, e), k.reshape(B * H, N, e), v.reshape(B * H, N, e),
-        p if training else 0.0,
-    )
-    return out.view(B, H, N, e)
+    flat = (t.reshape(B * H, N, e) for t in (q, k, v))
+    return apply_autocast(DropoutAttention.apply, *flat, p).view(B, H, N, e)
 
 
 class TransformerEncoderLayer(nn.Module):

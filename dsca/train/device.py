@@ -16,6 +16,13 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise RuntimeError(f"device {name!r} requested but only {count} CUDA device(s) exist")
+        # kernels that launch on "the current device" (Triton, some cuBLAS handles) must see
+        # this one; the CAPool launchers also guard each launch themselves
+        torch.cuda.set_device(device)
     return device
 
 
