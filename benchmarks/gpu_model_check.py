@@ -7,7 +7,8 @@
                                                                # (tests/test_benchmark_scripts.py)
 
 Each writes a JSON with the measurements and a ``goals`` list of {goal, value, met}; the exit
-status is 1 when a check fails (a goal not met is reported, not a failure).
+status is 1 when a check fails (a goal not met is reported, not a failure) and 3 when it could
+not run here (one GPU for ``second-gpu``).
 """
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def main(argv: list[str]) -> int:
     result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     Path(argv[1]).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    if result.get("skipped"):
+        return 3
     return 0 if result["ok"] else 1
 
 

@@ -107,7 +107,7 @@ class PlainDSCA(nn.Module):
         e20 = self.patchx20_embedding_layer(x20, x5)
         e5 = self.patchx5_embedding_layer(x5)
         c = (coords[0] - coords[0].min(dim=0).values).float()
-        omega = 1.0 / 10000 ** (torch.arange(self.dim // 4) / (self.dim // 4 - 1))
+        omega = 1.0 / 10000 ** (torch.arange(self.dim // 4, device=c.device) / (self.dim // 4 - 1))
         x, y = c[:, :1] * omega, c[:, 1:] * omega
         pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)[None]
         f = self.patch_encoder_layer_parallel(e20 + pe) + self.patch_encoder_layer(e5 + pe)

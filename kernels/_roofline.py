@@ -11,7 +11,8 @@ Per block (16 rows, H heads, C channels, element size e bytes; p is always fp32)
 
 Both are far below any GPU's FLOP/byte ridge point, so their time is bytes / bandwidth. To get
 there a streaming kernel needs about bandwidth x latency bytes in flight (Little's law); each
-resident program has one C chunk of loads outstanding per pipeline stage, and registers,
+resident program has one C chunk of loads outstanding per pipeline stage (one on sm_70, which
+has no async copies), and registers,
 warps and shared memory bound the programs per SM. The latency is an assumption (loaded DRAM
 latency of these GPUs is roughly half a microsecond); the model is a filter for configs that
 cannot work, not a prediction to quote.
@@ -59,7 +60,9 @@ def traffic(kernel: str, dtype: str, has_gp: bool) -> tuple[int, int]:
 
 def _programs_per_sm(gpu: GPU, registers: int, warps: int, shared: int) -> int:
     threads = 32 * warps
-    by_registers = gpu.registers_per_sm // max(1, -(-registers * threads // 256) * 256)
+    # registers are allocated per warp, in units of 256
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = gpu.registers_per_sm // max(1, warps * per_warp)
     by_shared = gpu.shared_per_sm // shared if shared else gpu.programs_per_sm
     return max(0, min(gpu.programs_per_sm, gpu.threads_per_sm // threads, by_registers, by_shared))
 
@@ -68,7 +71,9 @@ def annotate(result: dict[str, Any]) -> dict[str, Any]:
     """A compiled job's result (``aot.run_job``) with the model's numbers added."""
     e = _ELEMENT_BYTES[result["dtype"]]
     rows_per_chunk = 16 + (1 if result["kernel"] == "fwd" else 2) * result["block_h"]
-    in_flight = rows_per_chunk * result["block_c"] * e * result["num_stages"]
+    # prefetching stages need async copies (sm_80+); on sm_70 one chunk is in flight
+    stages = result["num_stages"] if result["arch"] >= 80 else 1
+    in_flight = rows_per_chunk * result["block_c"] * e * stages
     nbytes, flops = traffic(result["kernel"], result["dtype"], result.get("has_gp", False))
     per_gpu = {}
     for gpu in GPUS.get(result["arch"], ()):

@@ -15,6 +15,7 @@ the GPU's DRAM bandwidth, and whether a config keeps enough loads in flight to r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ def compile_jobs(
     return jobs
 
 
-def run_job(job: CompileJob) -> dict:
+def run_job(job: CompileJob, with_usage: bool = False) -> dict:
     """Compile one job to a cubin; returns the job with ``ok``, ``error`` and register count."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -104,7 +105,11 @@ def run_job(job: CompileJob) -> dict:
         )
         result.update(ok="cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, error="")
         result["shared_bytes"] = int(compiled.metadata.shared)
-        result.update(ptxas_usage(compiled.asm["ptx"]))
+        if with_usage:
+            try:
+                result.update(ptxas_usage(compiled.asm["ptx"]), usage_error="")
+            except Exception as exc:  # noqa: BLE001 - reported, not a compile failure
+                result["usage_error"] = f"{type(exc).__name__}: {exc}"[:300]
     except Exception as exc:  # noqa: BLE001 - every compiler failure is a finding to report
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         result.update(ok=False, error=f"{type(exc).__name__}: {first_line}")
@@ -125,6 +130,8 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
     from triton.backends.nvidia.compiler import get_ptxas
 
     target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    if target is None:
+        raise ValueError("the PTX names no .target")
     # the ptxas Triton itself assembles this target with (sm_90+ uses a newer one)
     ptxas = get_ptxas(int(re.sub(r"\D", "", target.group(1)))).path
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         args.arch, args.dtype, tuple(args.block_h), (True,) if args.quick else (False, True)
     )
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(run_job, jobs))
+        results = list(pool.map(functools.partial(run_job, with_usage=args.report), jobs))
     failed = [r for r in results if not r["ok"]]
     for r in failed:
         print(
@@ -167,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from dsca.kernels._roofline import annotate, format_report
 
-        results = [annotate(r) if r["ok"] else r for r in results]
+        results = [annotate(r) if r["ok"] and not r.get("usage_error") else r for r in results]
+        for r in results:
+            if r.get("usage_error"):
+                print(f"NO USAGE {r['kernel']} sm_{r['arch']} {r['dtype']}: {r['usage_error']}")
         print(format_report(results))
         # the verdict binds the head tile DSCA launches (4 heads); others are for information
-        rework = [r for r in results if r["ok"] and not r["keeps_bandwidth"] and r["block_h"] == 4]
+        rework = [r for r in results
+                  if r["ok"] and not r.get("keeps_bandwidth", False) and r["block_h"] == 4]
         for r in rework:
             print(f"REWORK {r['kernel']} sm_{r['arch']} {r['dtype']} BLOCK_C={r['block_c']} "
                   f"warps={r['num_warps']} stages={r['num_stages']}: spills or < 50% of bandwidth")

@@ -69,11 +69,11 @@ def _m_bucket(m: int) -> int:
     """Autotune key for M: its power-of-two bucket, so slides of varied sizes reuse a tuning
     (keying on M itself would re-tune for every slide).
 
-    While ``torch.compile`` traces, M is symbolic and ``int(M)`` would guard on its value (a
-    recompile for every new slide size): one fixed bucket is used there instead, so compiled
+    While ``torch.compile`` traces the op, M is symbolic and ``int(M)`` would guard on its value
+    (a recompile for every new slide size): one fixed bucket is used there instead, so compiled
     graphs share one tuning per C.
     """
-    if torch.compiler.is_compiling():
+    if isinstance(m, torch.SymInt):
         return 0
     return max(int(m), 1).bit_length()
 
@@ -84,7 +84,7 @@ def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
     Only for a real launch: while tracing (fake tensors, torch.compile) nothing is launched,
     and the compiled graph's own device guard covers the launch it generates.
     """
-    if not t.is_cuda or is_fake(t) or torch.compiler.is_compiling():
+    if not t.is_cuda or is_fake(t):
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
 

@@ -78,7 +78,7 @@ def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
 def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
     """total += a @ b. When total is wider than the product (fp32 weight gradient of a bf16 or
     fp16 pass) each chunk's product is added in total's precision, so the sum over chunks is
-    not rounded to the half type at every step."""
+    not rounded to the half type at every step (each chunk's product is rounded once)."""
     if total.dtype == a.dtype:
         total.addmm_(a, b)
     else:

@@ -1,6 +1,6 @@
 """Checkpoints written on a CUDA machine resume anywhere: the CUDA generators' states are
 saved as CPU byte tensors and restored as such (``torch.cuda.set_rng_state_all`` refuses
-anything else), while the optimizer's state follows the parameters' device."""
+anything else)."""
 from __future__ import annotations
 
 import torch
@@ -29,8 +29,3 @@ def test_cuda_rng_state_round_trips_as_cpu_byte_tensors(tmp_path, monkeypatch):
     assert len(restored) == 2
     for got, want in zip(restored, cuda_states):
         assert got.device.type == "cpu" and got.dtype == torch.uint8 and torch.equal(got, want)
-    # every tensor of the file comes back on the CPU, whatever device wrote it
-    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
-    opt2.load_state_dict(loaded["optimizer"])
-    assert all(t.device.type == "cpu" for s in opt2.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
