@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "dsca", "dsca.config", "dsca.labels", "dsca.layers", "dsca.metrics", "dsca.train",
+        "dsca", "dsca.config", "dsca.infer", "dsca.labels", "dsca.layers", "dsca.metrics", "dsca.train",
         "dsca.kernels", "dsca.store", "dsca.cli",
     ],
     package_dir={
@@ -42,6 +42,10 @@ setup(
         "tqdm>=4.60",
         # Kaplan-Meier / training-curve plots.
         "matplotlib>=3.7",
+        # OpenSlide reads every vendor's WSI format (dsca.wsi); tifffile writes the synthetic pyramids.
+        "openslide-python>=1.4",
+        "openslide-bin>=4.0",
+        "tifffile>=2023.1",
     ],
     extras_require={
         # scikit-survival and lifelines are the independent oracles that dsca's own survival

@@ -15,6 +15,9 @@ from dsca.cli import _common
 SUBCOMMANDS = {
     "init": "dsca.cli.init",
     "train": "dsca.cli.train",
+    "predict": "dsca.cli.predict",
+    "heatmap": "dsca.cli.heatmap",
+    "report": "dsca.cli.report",
     "demo": "dsca.cli.demo",
     "split": "dsca.cli.split",
     "profile": "dsca.cli.profile",
@@ -27,6 +30,9 @@ examples:
   dsca split --labels labels.csv --out splits
   dsca init --out config.yaml                        # a commented starter config
   dsca train --config config.yaml --out runs/brca
+  dsca report --run runs/brca                        # metrics recomputed from predictions.csv
+  dsca predict --run runs/brca --store external.zarr --labels external.csv --out pred
+  dsca heatmap --run runs/brca --store cohort.zarr --wsi slides/ --out heat
   dsca profile --device cuda
   dsca COMMAND --help                                # what each command reads and writes
 """

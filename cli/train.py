@@ -22,6 +22,10 @@ DESCRIPTION = """\
     km_test.png (each fold's test patients split at its model's median training risk), and
     per fold fold<k>/best.pt, fold<k>/last.pt (resumable) and fold<k>/result.json.
 
+    --final trains one model on every labelled patient instead (for deployment), for the
+    median best epoch of a cross-validation run (--cv-run) or --epochs; it writes
+    final/best.pt, which dsca predict and dsca heatmap apply like a run's fold models.
+
     A new run needs an empty --out; --resume continues the run there (the config must be
     the same; running other folds into it adds them, and metrics.json then covers every
     finished fold), --overwrite replaces it. Start from the commented config that
@@ -36,6 +40,7 @@ EXAMPLES = """\
     dsca train --config config.yaml --out runs/brca --folds 0,1 --device cuda
     dsca train --config config.yaml --out runs/brca --resume    # after an interruption
     dsca train --config config.yaml --out runs/brca --resume --folds 3,4   # add folds
+    dsca train --config config.yaml --out runs/brca-final --final --cv-run runs/brca
     dsca init --out config.yaml                                 # a commented starter config
     """
 
@@ -52,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated fold numbers, e.g. 0,1 (default: the config's folds)")
     parser.add_argument("--device", metavar="DEVICE",
                         help="cpu, cuda, cuda:N or auto (default: the config's device, else auto)")
+    final = parser.add_argument_group("final model")
+    final.add_argument("--final", action="store_true",
+                       help="train one model on all labelled patients (no validation, no early stop)")
+    final.add_argument("--cv-run", type=Path, metavar="RUN",
+                       help="with --final: train for the median best epoch of this cross-validation run "
+                            "(default: none; give it or --epochs)")
+    final.add_argument("--epochs", type=int, metavar="N", help="with --final: train for N epochs (default: none; give it or --cv-run)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in --out with the same config: finished folds are "
@@ -82,6 +94,35 @@ def _one_line(err: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _train_final(args: argparse.Namespace, cfg, out: Path) -> int:
+    """--final: the checks of its options, then the training (errors go to :func:`run`)."""
+    from dsca.config import ConfigError
+    from dsca.train.final import cv_best_epochs, train_final
+
+    if not args.final:
+        raise ConfigError("--cv-run and --epochs only apply with --final")
+    if args.resume or args.folds is not None:
+        raise ConfigError("--final trains one model from the beginning: --resume and --folds do not apply")
+    if (args.cv_run is None) == (args.epochs is None):
+        raise ConfigError("--final needs exactly one of --cv-run RUN (its median best epoch) or --epochs N")
+    if args.cv_run is not None:
+        epochs, best = cv_best_epochs(args.cv_run)
+        source = f"median best epoch of {args.cv_run} (folds: {', '.join(map(str, best))})"
+    else:
+        epochs, source = args.epochs, "--epochs"
+    from dsca.train import FoldFailed
+
+    try:
+        result = train_final(cfg, out, epochs, device=args.device, overwrite=args.overwrite,
+                             epochs_from=source)
+    except FoldFailed as err:
+        print(f"dsca train: error: {err}", file=sys.stderr)
+        return 1
+    print(f"final model: {result['n_patients']} patients, {epochs} epochs ({source}); training "
+          f"C-index {result['train']['cindex']:.3f}; {Path(out) / 'final' / 'best.pt'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from dsca.config import ConfigError, load_config, parse_folds
     from dsca.store import StoreError
@@ -93,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or cfg.save_path
         if out is None:
             raise ConfigError(f"{args.config}: no output directory: pass --out or set save_path")
+        if args.final or args.cv_run is not None or args.epochs is not None:
+            return _train_final(args, cfg, out)
         report = train_cross_validation(cfg, out, folds=folds, device=args.device,
                                         resume=args.resume, overwrite=args.overwrite)
     # ConfigError and LabelError are ValueErrors; StoreError: a slide that cannot be read (a

@@ -1,10 +1,12 @@
-"""PNG figures of a training run.
+"""PNG figures of a training run and of applying it.
 
 - :func:`plot_km`: Kaplan-Meier survival of the low- and high-risk test patients, with 95%
   confidence bands, censoring ticks and a "number at risk" table whose columns sit under the
   time axis' major ticks.
 - :func:`plot_training_curves`: loss and C-index per epoch, train (solid) against validation
   (dashed), one colour per fold, each fold's best epoch marked.
+- :func:`plot_attention_maps`: a slide's x5 attention map beside its two-scale map.
+- :func:`plot_overlay`: the two-scale map over the slide's thumbnail.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dsca.metrics import kaplan_meier
 
 matplotlib.use("Agg")  # files only; never needs a display (pyplot picks its backend lazily)
 
-__all__ = ["plot_km", "plot_training_curves"]
+__all__ = ["plot_km", "plot_training_curves", "plot_attention_maps", "plot_overlay"]
 
 _GROUPS = (("low risk", "tab:blue"), ("high risk", "tab:red"))
 _TITLE_WIDTH = 80  # characters; run names make long titles, wrapped rather than clipped
@@ -189,6 +191,93 @@ def _curves_figure(histories: Sequence[Sequence[dict[str, float]]], folds: Seque
     if title:
         fig.suptitle(textwrap.fill(title, 2 * _TITLE_WIDTH), fontsize=11)
     return fig
+
+
+def _robust_limits(values: np.ndarray) -> tuple[float, float]:
+    """1st-99th percentile of the finite values: a few hot patches must not flatten the rest."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1e-12)
+
+
+def plot_attention_maps(grid: np.ndarray, pool: np.ndarray, score: np.ndarray, path: str | Path, *,
+                        title: str = "") -> Path:
+    """The x5 map (one cell per x5 patch) beside the two-scale map (4x4 cells per patch).
+
+    Args:
+        grid: [N, 2] patch-grid (col, row) of the x5 patches.
+        pool: [N] the pooling attention of each patch.
+        score: [N, 16] pool x cross of each sub-patch (row ``4 r + c`` of its block).
+        path: PNG to write.
+    """
+    g = grid - grid.min(axis=0)
+    cols, rows = int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1
+    coarse = np.full((rows, cols), np.nan)
+    coarse[g[:, 1], g[:, 0]] = pool
+    fine = np.full((rows * 4, cols * 4), np.nan)
+    r, c = np.divmod(np.arange(16), 4)
+    fine[(4 * g[:, 1])[:, None] + r[None, :], (4 * g[:, 0])[:, None] + c[None, :]] = score
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    panels = ((coarse, "x5 map: pooling attention per patch"),
+              (fine, "two-scale map: pooling x CAPool attention per x20 sub-patch"))
+    for ax, (image, name) in zip(axes, panels):
+        vmin, vmax = _robust_limits(image)
+        shown = ax.imshow(image, cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label="attention (1st-99th percentile)")
+    if title:
+        fig.suptitle(textwrap.fill(title, _TITLE_WIDTH), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_overlay(thumbnail: np.ndarray, scale: np.ndarray, corners: np.ndarray, sub_size: np.ndarray,
+                 score: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """The two-scale map over a slide thumbnail, beside the plain thumbnail, cropped to the
+    scored tissue.
+
+    The map is drawn over a greyscale copy of the slide: a colour map over H&E colours reads
+    as neither.
+
+    Args:
+        thumbnail: [H, W, 3] uint8 RGB.
+        scale: [2] thumbnail pixels per level-0 pixel (x, y).
+        corners: [P, 2] level-0 top-left corners of the sub-patches; sub_size: [2] their size.
+        score: [P] their scores.
+    """
+    h, w = thumbnail.shape[:2]
+    heat = np.full((h, w), np.nan)
+    x0 = np.floor(corners[:, 0] * scale[0]).astype(int)
+    y0 = np.floor(corners[:, 1] * scale[1]).astype(int)
+    x1 = np.maximum(x0 + 1, np.ceil((corners[:, 0] + sub_size[0]) * scale[0]).astype(int))
+    y1 = np.maximum(y0 + 1, np.ceil((corners[:, 1] + sub_size[1]) * scale[1]).astype(int))
+    for a, b, c, d, v in zip(x0, x1, y0, y1, score):
+        heat[max(c, 0):min(d, h), max(a, 0):min(b, w)] = v
+    pad = int(0.05 * max(x1.max() - x0.min(), y1.max() - y0.min())) + 1
+    crop = (slice(max(y0.min() - pad, 0), min(y1.max() + pad, h)),
+            slice(max(x0.min() - pad, 0), min(x1.max() + pad, w)))
+    rgb, heat = thumbnail[crop], heat[crop]
+    grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    vmin, vmax = _robust_limits(heat)
+    aspect = rgb.shape[0] / max(rgb.shape[1], 1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, min(max(3.0, 5.6 * aspect), 12.0) + 0.9),
+                             layout="constrained")
+    axes[0].imshow(rgb)
+    axes[0].set_title("slide", fontsize=9)
+    axes[1].imshow(grey, cmap="gray", vmin=0, vmax=255)
+    shown = axes[1].imshow(heat, cmap="turbo", vmin=vmin, vmax=vmax, alpha=0.65, interpolation="nearest")
+    axes[1].set_title("two-scale attention (pool x cross per x20 sub-patch)", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="score (1st-99th percentile)")
+    if title:
+        fig.suptitle(textwrap.fill(title, _TITLE_WIDTH), fontsize=10)
+    return _save(fig, path)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

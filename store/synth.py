@@ -17,6 +17,10 @@ Layout written under `out_dir` (names as the reference's tutorial uses them)::
     synth_path_full.csv                                           pathology_id,patient_id,e,t
     splits/synth-seed<S>-fold<k>.npz                              train/val/test patients
     truth.csv, patterns.npz                                       hidden risk, planted vectors
+    tissue/<sid>.npz                                              per-slide truth: tissue type per
+                                                                  x5 patch, motif per x20 row
+    wsi/<sid>.tiff                                                only with ``wsi=True``: a small
+                                                                  pyramidal TIFF of the slide
     preview.png                                                   tissue maps of the first slides
     synth_spec.json, .dsca-synth                                  the spec; the cohort's marker
 
@@ -47,12 +51,12 @@ from dsca.store.clam import write_coords
 from dsca.store.synth_spec import SynthSpec, check_spec
 
 __all__ = ["SynthSpec", "SynthCohort", "write_synthetic_cohort", "check_spec", "is_synth_cohort", "TISSUES",
-           "MARKER"]
+           "MARKER", "PATCH_SIZE", "TISSUE_DIR", "WSI_DIR"]
 
 log = logging.getLogger(__name__)
 
 TISSUES = ("tumour", "stroma", "other")
-_PATCH = 256
+PATCH_SIZE = 256
 _LEVEL = 2
 # Real SVS pyramids have slightly non-integer, per-axis downsamples.
 _DOWNSAMPLE = (16.001219, 16.000924)
@@ -62,8 +66,13 @@ _PREVIEWS = 4  # slides drawn in preview.png
 MARKER = ".dsca-synth"
 # What cohorts written before the marker existed always hold.
 _LEGACY_MARKERS = ("truth.csv", "patterns.npz", "synth_spec.json")
+#: Folders of the per-slide truth (tissue/<slide_id>.npz) and the slide images (wsi/).
+TISSUE_DIR = "tissue"
+WSI_DIR = "wsi"
 # synth's own outputs, removed before a previous cohort is rewritten (folders, then files).
-_OWN_DIRS = (f"tiles-l2-s{_PATCH}", f"tiles-l1-s{_PATCH}", f"feats-l2-s{_PATCH}-synth", f"feats-l1-s{_PATCH}-synth")
+# wsi/ is synth's too: images of a previous cohort would not match the rewritten coords.
+_OWN_DIRS = (f"tiles-l2-s{PATCH_SIZE}", f"tiles-l1-s{PATCH_SIZE}", f"feats-l2-s{PATCH_SIZE}-synth",
+             f"feats-l1-s{PATCH_SIZE}-synth", TISSUE_DIR, WSI_DIR)
 _OWN_FILES = ("synth_path_full.csv", "truth.csv", "patterns.npz", "preview.png", "synth_spec.json")
 # Files a desktop puts into any folder it shows; they do not make a folder "not empty".
 _NOISE = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -83,6 +92,7 @@ class SynthCohort:
     truth_csv: Path
     spec: SynthSpec
     slide_ids: list[str] = field(default_factory=list)
+    wsi_dir: Path | None = None
 
 
 def _tissue_mask(rng: np.random.Generator, n_target: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +136,14 @@ def _write_features(root: Path, sid: str, x: np.ndarray, coords: np.ndarray, h5_
             f.create_dataset("coords", data=coords.astype(np.int64))
 
 
+def _write_tissue(path: Path, types: np.ndarray, motif_rows: np.ndarray, coords: np.ndarray) -> None:
+    """One slide's truth: `types` [N] tissue index (see TISSUES), `motif_rows` [N, 16] (row
+    4*r + c of each block carries the motif), `coords` [N, 2] x5 level-0 corners in the order of
+    the slide's coords file."""
+    with atomic_write(path, "wb") as f:
+        np.savez(f, types=types.astype(np.int8), motif=motif_rows.astype(bool), coords=coords.astype(np.int64))
+
+
 def _censor_to_rate(rng: np.random.Generator, t_event: np.ndarray, rate: float) -> np.ndarray:
     """Uniform(0, c_max) censoring times, c_max chosen so that ~`rate` are censored."""
     u = rng.uniform(size=t_event.shape)
@@ -139,13 +157,17 @@ def _censor_to_rate(rng: np.random.Generator, t_event: np.ndarray, rate: float) 
     return u * np.sqrt(lo * hi)
 
 
-def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True) -> SynthCohort:
+def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True,
+                           wsi: bool = False) -> SynthCohort:
     """Write a deterministic synthetic cohort in CLAM's layout; see the module docstring.
 
     Args:
         out_dir: a new or empty folder, or a cohort synth wrote before (rewritten).
         spec: size and signal; checked by :func:`check_spec` before anything is written.
         progress: show a progress bar.
+        wsi: also write a small pyramidal TIFF per slide under ``wsi/``
+            (:func:`dsca.store.synth_wsi.write_slide_images`); every other file is the same
+            with or without it.
 
     Raises:
         ValueError: a spec out of bounds (naming the option), or an `out_dir` that is a file or
@@ -155,15 +177,20 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     root = Path(out_dir)
     _prepare_out(root)
     rng = np.random.default_rng(spec.seed)
-    l2 = root / f"tiles-l2-s{_PATCH}"
-    l1 = root / f"tiles-l1-s{_PATCH}"
-    f2 = root / f"feats-l2-s{_PATCH}-synth"
-    f1 = root / f"feats-l1-s{_PATCH}-synth"
+    l2 = root / f"tiles-l2-s{PATCH_SIZE}"
+    l1 = root / f"tiles-l1-s{PATCH_SIZE}"
+    f2 = root / f"feats-l2-s{PATCH_SIZE}-synth"
+    f1 = root / f"feats-l1-s{PATCH_SIZE}-synth"
     (l2 / "patches").mkdir(parents=True, exist_ok=True)
+    (root / TISSUE_DIR).mkdir(exist_ok=True)
 
     d = spec.dim
     # orthonormal directions, so that tissue texture never leaks into the motif read-out
     unit = np.linalg.qr(rng.normal(size=(d, 7)))[0].T
+    if spec.pattern_seed is not None:
+        # drawn after the draw above, which keeps the main stream (and so the patients) as
+        # they are for the same seed
+        unit = np.linalg.qr(np.random.default_rng(spec.pattern_seed).normal(size=(d, 7)))[0].T
     proto_x5, proto_x20, motif = 2.0 * unit[:3], 2.0 * unit[3:6], 3.0 * unit[6]
 
     # per-patient tumour-motif rate drives risk; its spread is what the model must read
@@ -179,7 +206,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
 
     label_rows, truth_rows, process_rows, slide_ids = [], [], [], []
     previews: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-    step = (_PATCH * np.asarray(_DOWNSAMPLE)).astype(np.int64)  # CLAM's level-0 grid step
+    step = (PATCH_SIZE * np.asarray(_DOWNSAMPLE)).astype(np.int64)  # CLAM's level-0 grid step
     for p in tqdm(range(spec.patients), desc="synth", unit="patient", disable=None if progress else True):
         pid = f"SYN-{p:04d}"
         n_slides = 1 if rng.uniform() >= spec.multi_slide else int(rng.integers(2, 4))
@@ -199,8 +226,12 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
             x20 = proto_x20[types][:, None, :] + spec.noise * rng.normal(size=(n, BLOCK, d))
             p_block = np.where(types == 0, rate[p], decoy[p])
             positive = rng.uniform(size=n) < p_block
+            motif_rows = np.zeros((n, BLOCK), dtype=bool)
             for i in np.flatnonzero(positive):
-                x20[i, rng.choice(BLOCK, size=spec.motif_rows, replace=False)] += motif
+                # the same draw as always (the RNG stream defines every cohort), now also recorded
+                rows_i = rng.choice(BLOCK, size=spec.motif_rows, replace=False)
+                x20[i, rows_i] += motif
+                motif_rows[i, rows_i] = True
             if len(previews) < _PREVIEWS:
                 previews.append((sid, coords // step, types, positive))
             tumour_blocks += int(np.sum(types == 0))
@@ -210,7 +241,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
             # past the tissue)
             w, h = np.ceil((coords.max(axis=0) + step + origin) / np.asarray(_DOWNSAMPLE)).astype(np.int64)
             attrs = {
-                "patch_size": _PATCH,
+                "patch_size": PATCH_SIZE,
                 "patch_level": _LEVEL,
                 "downsample": np.asarray(_DOWNSAMPLE),
                 "downsampled_level_dim": np.array([w, h], dtype=np.int64),
@@ -219,6 +250,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
                 "save_path": str(l2 / "patches"),
             }
             write_coords(l2 / "patches" / f"{sid}.h5", coords, attrs)
+            _write_tissue(root / TISSUE_DIR / f"{sid}.npz", types, motif_rows, coords)
             _write_features(f2, sid, x5.astype(np.float32), coords, spec.h5_files)
             # x20 coords come from our own aligner below; features follow its row order
             x20_rows = x20.reshape(n * BLOCK, d).astype(np.float32)
@@ -226,7 +258,7 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
                 np.save(f, x20_rows)
             label_rows.append((sid, pid, int(event[p]), int(t_obs[p])))
             process_rows.append({"slide_id": f"{sid}.svs", "process": 1, "status": "processed",
-                                 "seg": 1, "patch": 1, "patch_level": _LEVEL, "patch_size": _PATCH})
+                                 "seg": 1, "patch": 1, "patch_level": _LEVEL, "patch_size": PATCH_SIZE})
             slide_ids.append(sid)
         truth_rows.append({"patient_id": pid, "risk": risk[p], "motif_rate": rate[p], "decoy_rate": decoy[p],
                            "tumour_blocks": tumour_blocks, "tumour_motif_blocks": motif_tumour,
@@ -253,7 +285,14 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SynthSpec = SynthSpec(), p
     _plot_previews(root / "preview.png", previews)
     splits = _write_splits(root / "splits", [r["patient_id"] for r in truth_rows], event, spec)
     (root / "synth_spec.json").write_text(pd.Series(asdict(spec)).to_json(indent=1))
-    return SynthCohort(root, l2, l1, f2, f1, labels_csv, splits, truth_csv, spec, slide_ids)
+    wsi_dir = None
+    if wsi:
+        # lazy: tifffile is only needed for the images
+        from dsca.store.synth_wsi import write_slide_images
+
+        write_slide_images(root, slide_ids, progress=progress)
+        wsi_dir = root / WSI_DIR
+    return SynthCohort(root, l2, l1, f2, f1, labels_csv, splits, truth_csv, spec, slide_ids, wsi_dir)
 
 
 def is_synth_cohort(folder: str | Path) -> bool:

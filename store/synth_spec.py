@@ -34,6 +34,10 @@ class SynthSpec:
     Attributes:
         patients: number of patients.
         seed: everything is deterministic given the seed.
+        pattern_seed: seed of the planted vectors only (tissue prototypes and motif: the
+            "encoder's feature space"); None = ``seed``. Two cohorts with the same
+            pattern_seed and different seeds are independent patients whose features a model
+            trained on one can read in the other (an external validation cohort).
         dim: feature dimension D of both levels.
         patches: mean number of low-res patches per slide.
         signal: log-hazard ratio per standard deviation of the tumour-motif rate.
@@ -49,6 +53,7 @@ class SynthSpec:
 
     patients: int = 100
     seed: int = 0
+    pattern_seed: int | None = None
     dim: int = 128
     patches: int = 90
     signal: float = 1.5
@@ -79,6 +84,10 @@ def check_spec(spec: SynthSpec) -> None:
 
     for attr, option, lo, hi in _INT_BOUNDS:
         value = getattr(spec, attr)
+        if attr == "seed" and spec.pattern_seed is not None:
+            ps = spec.pattern_seed
+            if isinstance(ps, bool) or not isinstance(ps, numbers.Integral) or not lo <= ps <= hi:
+                raise ValueError(f"SynthSpec.pattern_seed must be None or an integer in {lo}..{hi}, got {ps!r}")
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
             raise ValueError(f"{shown_name(attr, option)} must be an integer in {lo}..{hi}, got {value!r}")
     reals = (

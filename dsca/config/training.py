@@ -175,6 +175,18 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     """
     raw = dict(raw)
     known = valid_keys()
+    section = raw.pop("model", None)
+    if isinstance(section, dict):
+        raw.pop("source", None)  # where the run's config was first read from, not a setting
+        # a run folder's config.yaml keeps the model keys in their own section: it is a config too
+        for key, value in section.items():
+            if key not in ModelConfig.yaml_keys():
+                raise ConfigError(f"{source}: model: unknown key {key!r}")
+            if key in raw and raw[key] != value:
+                raise ConfigError(f"{source}: {key} is given twice, {raw[key]!r} and model: {value!r}")
+            raw[key] = value
+    elif section is not None:
+        raise ConfigError(f"{source}: model must be a mapping of model keys, got {section!r}")
     for key in raw:
         if key not in known:
             close = [_KEY_SYNONYMS[key]] if key in _KEY_SYNONYMS else difflib.get_close_matches(

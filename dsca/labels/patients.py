@@ -76,13 +76,16 @@ def patient_slides(
     patients: Sequence[str],
     available_slides: Collection[str],
     store_name: str = "store",
+    drop_missing: bool = False,
 ) -> dict[str, list[str]]:
     """Map patients to their slides that exist in a feature store.
 
     Label slide ids are matched to store ids by :func:`match_slide_ids` (exact, else ignoring
     a WSI file extension: ``X.svs`` in the CSV reads the store's ``X``). Slides of a patient
     that are missing from the store, or whose match is ambiguous, are dropped with a warning;
-    a patient with none left is an error (training on it would be impossible).
+    a patient with none left is an error (training on it would be impossible), unless
+    ``drop_missing`` (applying a model to whichever labelled patients the store holds): such
+    patients are then left out with one warning.
 
     Args:
         labels: output of :func:`load_labels`.
@@ -113,8 +116,12 @@ def patient_slides(
         dropped += len(ids) - len(slides)
         if not slides:
             unplaceable.append(pid)
-        out[pid] = slides
-    if unplaceable:
+        else:
+            out[pid] = slides
+    if unplaceable and drop_missing:
+        log.warning("%s: %d of %d labelled patient(s) have no slide there; left out (e.g. %s)",
+                    store_name, len(unplaceable), len(patients), ", ".join(unplaceable[:3]))
+    elif unplaceable:
         more = f" (and {len(unplaceable) - 1} more)" if len(unplaceable) > 1 else ""
         raise LabelError(
             f"{store_name}: patient {unplaceable[0]!r}{more} has no slide in the store "

@@ -15,6 +15,8 @@ Modules, in the order one fold uses them:
     rundir      the output folder's rules (new, resume, overwrite)
     logfile     the run's train.log
     crossval    train_cross_validation: every fold of a run, resume, the outputs below
+    final       train_final: one model on every labelled patient (dsca train --final)
+    recompute   a run's report recomputed from its predictions.csv (dsca report)
 
 Everything lands in the output folder:
 
@@ -26,7 +28,8 @@ Everything lands in the output folder:
     config.yaml, run.json   the parsed configuration; the run's id and the config it started with
     training_curves.png     loss and C-index per epoch and fold
     km_test.png             Kaplan-Meier of the risk groups of the test patients of all folds
-    fold<k>/last.pt         resumable state; fold<k>/best.pt best weights
+    fold<k>/last.pt         resumable state; fold<k>/best.pt best weights (self-contained
+                            once evaluated: what dsca predict and dsca heatmap need)
     fold<k>/result.json     the fold's metrics, history and predictions
 """
 from __future__ import annotations

@@ -9,14 +9,19 @@ left in the same folder.
      "fold": int, "epoch": int (0-based), "model": state_dict, ...}
 
 ``last`` checkpoints add ``optimizer``, ``scheduler``, ``stopper``, ``scaler``, ``history`` and
-``rng`` (see :func:`rng_state`). Tensors are loaded onto the CPU: the optimizer moves its state
+``rng`` (see :func:`rng_state`). Once a fold is evaluated its ``best`` checkpoint also carries
+``inference`` (:func:`inference_record`): everything ``dsca predict`` and ``dsca heatmap``
+need to apply it without the run's other files. Best checkpoints written before that record
+existed still load; :mod:`dsca.infer.models` then reads the same facts from the run folder. Tensors are loaded onto the CPU: the optimizer moves its state
 to the parameters' device itself, and the RNG state must stay a CPU ByteTensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,8 @@ import torch
 
 from dsca.atomic import atomic_path
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+           "inference_record", "store_fingerprint"]
 
 _FORMAT = "dsca-checkpoint"
 _VERSION = 1
@@ -81,6 +87,39 @@ def load_checkpoint(path: Path, *, kind: str, run_id: str, fold: int) -> dict[st
         raise CheckpointError(f"{path}: written by another run (run {state.get('run_id')}, fold "
                               f"{state.get('fold')}), not this one; {what}")
     return state
+
+
+def store_fingerprint(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What must agree between the store a model was trained on and one it is applied to: the
+    feature size, the encoder (``extractor``) and the pyramid levels of the two streams."""
+    levels = attrs.get("levels")
+    return {"feature_dim": int(attrs["feature_dim"]), "extractor": attrs.get("extractor"),
+            "levels": dict(levels) if isinstance(levels, Mapping) else None}
+
+
+def inference_record(cfg: Any, bin_edges: np.ndarray, train_risk: np.ndarray,
+                     store_attrs: Mapping[str, Any], n_train: int) -> dict[str, Any]:
+    """The ``inference`` entry of an evaluated best checkpoint (tensors and plain values only).
+
+    Args:
+        cfg: the run's :class:`~dsca.config.TrainConfig`.
+        bin_edges: [K + 1] the fold's time-bin edges (the discrete head's bins).
+        train_risk: [M] the best weights' risks of the fold's training patients: the scale
+            that standardizes this model's risks in an ensemble, and its risk-group threshold.
+        store_attrs: the training store's root attributes (see :func:`store_fingerprint`).
+        n_train: training patients.
+    """
+    return {
+        "model_config": dataclasses.asdict(cfg.model),
+        "head": "cox" if cfg.is_cox else "discrete",
+        "bin_edges": torch.as_tensor(np.asarray(bin_edges, dtype=np.float64)),
+        "time_unit": cfg.time_unit,
+        "train_risk": torch.as_tensor(np.asarray(train_risk, dtype=np.float64)),
+        "n_train": int(n_train),
+        "store": {"path": str(cfg.store), **store_fingerprint(store_attrs)},
+        "amp": cfg.amp,
+        "num_threads": int(cfg.num_threads),
+    }
 
 
 def rng_state() -> dict[str, Any]:

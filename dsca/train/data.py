@@ -23,7 +23,7 @@ from dsca.metrics import concordance_index
 from dsca.splits import Split, load_split
 
 __all__ = ["FoldData", "FeatureCache", "build_fold_data", "open_store", "patient_loader",
-           "to_model_inputs"]
+           "single_patient_loader", "to_model_inputs"]
 
 #: Samples by (patient id, label values): a fold whose bins were cut on its own training
 #: patients must not reuse a sample that carries another fold's label.
@@ -125,9 +125,15 @@ def patient_loader(dataset: Dataset, cfg: TrainConfig, **kwargs: Any) -> DataLoa
     add processes), and is 0 with ``cache_features``: the cache lives in this process, and
     workers would fill copies of it that die with them at the end of every epoch.
     """
+    return single_patient_loader(dataset, 0 if cfg.cache_features else cfg.num_workers, **kwargs)
+
+
+def single_patient_loader(dataset: Dataset, num_workers: int, **kwargs: Any) -> DataLoader:
+    """A loader of one patient per item with at most ``num_workers`` workers (capped at the
+    CPUs this process may use)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = 0 if cfg.cache_features else min(cfg.num_workers, cpus)
-    return DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_unwrap_single, **kwargs)
+    return DataLoader(dataset, batch_size=1, num_workers=min(num_workers, cpus),
+                      collate_fn=_unwrap_single, **kwargs)
 
 
 def to_model_inputs(sample: Any, device: torch.device, position_emb: bool) -> tuple[torch.Tensor, ...]:

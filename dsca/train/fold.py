@@ -8,7 +8,8 @@ never leaves ``best.pt`` one epoch ahead of the state a resume continues from. A
 the best weights are evaluated on train/val/test (:mod:`dsca.train.report`). A fold whose
 model diverges (NaN/inf weights or predictions) is recorded as failed with its reason.
 
-    fold<k>/last.pt      resumable state; fold<k>/best.pt best weights (:mod:`dsca.train.checkpoint`)
+    fold<k>/last.pt      resumable state; fold<k>/best.pt best weights, once evaluated with
+                         what applying them needs (:mod:`dsca.train.checkpoint`)
     fold<k>/result.json  the fold's metrics, history and predictions
 """
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch import nn
 from dsca.atomic import atomic_write
 from dsca.config import TrainConfig
 from dsca.optim import build_optimizer
-from dsca.train.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dsca.train.checkpoint import (
+    CheckpointError,
+    inference_record,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dsca.train.data import FoldData
 from dsca.train.device import grad_scaler
 from dsca.train.early_stop import EarlyStop, monitor_mode, monitored_value
@@ -36,7 +44,7 @@ from dsca.train.report import fold_report, jsonable
 from dsca.train.rundir import NEXT_BEST
 from dsca.train.steps import predict, train_epoch
 
-__all__ = ["FoldFailed", "train_fold"]
+__all__ = ["FoldFailed", "train_fold", "seed_everything", "finite_weights", "make_self_contained"]
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +53,14 @@ class FoldFailed(Exception):
     """A fold produced no usable model (NaN/inf outputs); the other folds go on."""
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _finite_weights(model: nn.Module) -> bool:
+def finite_weights(model: nn.Module) -> bool:
     """No parameter holds a NaN or inf."""
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -76,7 +84,7 @@ def train_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     next_best = fold_dir / NEXT_BEST
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.opt_eps, cfg.opt_betas)
     mode = monitor_mode(cfg)
@@ -133,7 +141,7 @@ def train_fold(
         history.append(row)
         monitored = monitored_value(cfg, val_loss, val_ci)
         # (a NaN loss makes NaN gradients and so NaN weights; fp16 overflow steps are skipped)
-        if not _finite_weights(model):
+        if not finite_weights(model):
             diverged = f"training diverged in epoch {epoch + 1} (weights became NaN or inf)"
             log.warning("fold %d: %s; training stopped", data.fold, diverged)
             break  # nothing of this epoch is saved: a resume would diverge again
@@ -227,4 +235,23 @@ def _evaluate_best(
         if bad:
             raise FoldFailed(f"the best weights (epoch {stopper.best_epoch + 1}) predict NaN or "
                              f"inf for {bad} of {len(out.patient_ids)} {name} patients")
-    return fold_report(cfg, outputs, np.asarray(data.labels.attrs["bin_edges"]), data.fold)
+    bin_edges = np.asarray(data.labels.attrs["bin_edges"])
+    report = fold_report(cfg, outputs, bin_edges, data.fold)
+    make_self_contained(best_path, state, cfg, bin_edges, outputs["train"].risk, run_id, data.fold)
+    return report
+
+
+def make_self_contained(best_path: Path, state: dict[str, Any], cfg: TrainConfig,
+                         bin_edges: np.ndarray, train_risk: np.ndarray, run_id: str, fold: int) -> None:
+    """Write ``best.pt`` with what applying it needs (its ``inference`` record): a fold's
+    evaluated best checkpoint is rewritten, a final model's written once.
+
+    Args:
+        state: ``{"epoch", "model": state_dict}`` of the weights (CPU tensors).
+    """
+    from dsca.store import FeatureStore
+
+    attrs = dict(FeatureStore.open(cfg.store).attrs)
+    save_checkpoint(best_path, kind="best", run_id=run_id, fold=fold, epoch=state["epoch"],
+                    model=state["model"],
+                    inference=inference_record(cfg, bin_edges, train_risk, attrs, len(train_risk)))

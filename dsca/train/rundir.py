@@ -39,6 +39,8 @@ _RUN_FILES = frozenset({RUN_FILE, "metrics.json", "predictions.csv", "train.log"
                         "training_curves.png", "km_test.png"})
 _FOLD_FILES = frozenset({"best.pt", "last.pt", "result.json", NEXT_BEST})
 _FOLD_DIR = re.compile(r"fold(0|[1-9]\d*)")
+# folders whose files a run writes: the folds', and a final run's (dsca train --final)
+_MODEL_DIR = re.compile(r"fold(0|[1-9]\d*)|final")
 # the temp files of dsca.atomic for any of the above (a kill -9 can strand one)
 _TEMP = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")
 
@@ -153,7 +155,7 @@ def _remove_run_outputs(out: Path) -> None:
     for entry in sorted(out.iterdir()):
         if entry.name == RUN_FILE:
             continue
-        if _FOLD_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if _MODEL_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
             foreign = [p.name for p in sorted(entry.iterdir()) if not _remove_own(p, _FOLD_FILES)]
             if foreign:
                 kept.append(f"{entry.name}/{', '.join(foreign[:3])}")

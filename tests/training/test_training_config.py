@@ -151,3 +151,19 @@ def test_not_yaml(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_a_run_folders_config_yaml_is_a_config_again(small_config, tmp_path):
+    """The parsed config a run writes (model keys in their own section) parses to itself."""
+    cfg = load_config(small_config(tra_nhead=2, dims="32-16-16-4"))
+    written = tmp_path / "run_config.yaml"
+    written.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    again = load_config(written)
+    assert {k: v for k, v in again.to_dict().items() if k != "source"} == \
+        {k: v for k, v in cfg.to_dict().items() if k != "source"}
+    clash = cfg.to_dict()
+    clash["dropout"] = 0.3
+    with pytest.raises(ConfigError, match="dropout is given twice"):
+        parse_config(clash)
+    with pytest.raises(ConfigError, match="model: unknown key 'lr'"):
+        parse_config({**cfg.to_dict(), "model": {"lr": 1.0}})

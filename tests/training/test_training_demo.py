@@ -32,3 +32,15 @@ def test_demo_runs_signal_and_control(tmp_path, capsys, monkeypatch):
     first = lambda df: df.groupby("patient_id")[["t", "e"]].first()  # noqa: E731
     assert sorted(map(tuple, first(signal).to_numpy())) == sorted(map(tuple, first(control).to_numpy()))
     assert not first(signal).equals(first(control))
+    # the run applied: an external cohort of new patients, heatmaps of test slides on their WSIs
+    assert "external cohort (100 new patients" in text and "attention vs the planted motif" in text
+    external = json.loads((out / "signal-predict" / "metrics.json").read_text())
+    assert external["n"] == 100 and external["cindex"] > 0.5
+    table = pd.read_csv(out / "signal-predict" / "predictions.csv")
+    assert list(table.columns[:4]) == ["patient_id", "risk", "risk_fold0", "risk_fold1"]
+    heatmaps = sorted((out / "signal-heatmaps").iterdir())
+    assert len(heatmaps) == 3
+    for folder in heatmaps:
+        for name in ("attention.csv", "heatmap.png", "overlay.png", "attention.geojson", "topk.csv"):
+            assert (folder / name).is_file(), folder / name
+        assert (out / "cohort" / "wsi" / f"{folder.name}.tiff").is_file()
