@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsca.cli._common import print_to_stderr
 from dsca.cli._store_options import parse_level_attrs_option
+
+if TYPE_CHECKING:
+    from dsca.store.convert import Shard
 
 HELP = "validate CLAM outputs and pack them into STORE.zarr"
 
@@ -18,6 +22,10 @@ DESCRIPTION = """
         and the exit status is 1. Rerunning resumes: complete slides whose sources are
         unchanged are skipped, slides whose sources changed are converted again.
 
+        On a cluster, --shard I/N converts a fixed 1/N of the slides (by a hash of the slide id),
+        so N jobs (a job array) can write one store at once; run 'dsca-store finalize STORE'
+        once all of them are done. A convert without --shard refuses a store while shards write it.
+
         Labels CSV: one row per slide with pathology_id (slide id, with or without a WSI
         extension such as .svs), patient_id, t (time) and e (1 = event, 0 = censored); other
         names via --labels-map, e.g. CLAM/PORPOISE tables:
@@ -28,7 +36,9 @@ EXAMPLES = """
         dsca-store convert --x5-features FEATS/l2 --x20-features FEATS/l1 \\
             --x5-coords CLAM/tiles-l2-s256 --x20-coords CLAM/tiles-l1-s256 \\
             --labels labels.csv --out cohort.zarr --jobs 4
-        # resume after a crash or Ctrl-C: the same command again"""
+        # resume after a crash or Ctrl-C: the same command again
+        # job I of a job array of 8 (SLURM: --shard $SLURM_ARRAY_TASK_ID/8), then once: dsca-store finalize cohort.zarr
+        dsca-store convert ... --out cohort.zarr --shard 3/8"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
     add("--codec", choices=CODECS, default=DEFAULT_CODEC, help="feature compression (README 'codecs')")
     add("--jobs", type=int, default=1, help="parallel processes")
-    add("--overwrite", action="store_true", help="redo slides that are already complete")
+    add("--overwrite", action="store_true", help="redo slides that are already complete (with --shard: its own)")
+    add("--shard", metavar="I/N", type=_shard_option,
+        help="convert only shard I of N (0 <= I < N) alongside the other shards; then run finalize "
+             "(default: the whole cohort)")
     add("--extractor", help="feature extractor name to record (default: the x5 feature dir's name)")
     add("--x5-attrs", metavar="K=V,...",
         help="patch_size, patch_level, downsample for x5 coords files without them (default: none)")
     add("--x20-attrs", metavar="K=V,...",
         help="the same for x20 coords files (default: none)")
+
+
+def _shard_option(text: str) -> Shard:
+    """--shard I/N as a Shard; argparse turns a bad value into a usage error naming the option."""
+    from dsca.store.convert import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sigterm_as_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -70,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             codec=args.codec, jobs=args.jobs, overwrite=args.overwrite, progress=not args.quiet,
             extractor=args.extractor, x5_attrs=parse_level_attrs_option(args.x5_attrs, "--x5-attrs"),
             x20_attrs=parse_level_attrs_option(args.x20_attrs, "--x20-attrs"), labels_map=args.labels_map,
+            shard=args.shard,
         )
     except ConvertError as exc:
         print_to_stderr([f"error: {exc}"])
@@ -80,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
         return 130
     mb = report.source_bytes / 1e6
     again = f" ({len(report.reconverted)} again: sources changed)" if report.reconverted else ""
-    print(f"converted {len(report.converted)}{again}, skipped {len(report.skipped)} (already complete), "
+    shard = report.shard
+    print(f"{f'shard {shard}: ' if shard else ''}"
+          f"converted {len(report.converted)}{again}, skipped {len(report.skipped)} (already complete), "
           f"failed {len(report.failures)}, missing {len(report.missing)}; "
-          f"{mb:.1f} MB of sources in {report.seconds:.1f} s ({mb / max(report.seconds, 1e-9):.0f} MB/s)")
+          f"{mb:.1f} MB of sources in {report.seconds:.1f} s ({mb / max(report.seconds, 1e-9):.0f} MB/s)"
+          + (f"; once all {shard.count} shards are done: dsca-store finalize {args.out}" if shard else ""))
     print_to_stderr(report.lines())
     return 0 if report.ok else 1

@@ -16,12 +16,14 @@ from dsca.cli import _common
 SUBCOMMANDS = {
     "align": "dsca.cli.store_align",
     "convert": "dsca.cli.store_convert",
+    "finalize": "dsca.cli.store_finalize",
     "info": "dsca.cli.store_info",
     "verify": "dsca.cli.store_verify",
     "synth": "dsca.cli.store_synth",
 }
 
 _EPILOG = ("typical run: synth or CLAM -> align -> (CLAM feature extraction) -> convert -> verify -> info; "
+           "on a cluster: N jobs of convert --shard I/N, then finalize; "
            "'dsca-store COMMAND --help' shows each step with an example")
 
 

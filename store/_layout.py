@@ -19,6 +19,10 @@ LEVELS = {"x5": 2, "x20": 1}
 SLIDES = "slides"
 ARRAYS = ("x5", "x20", "coords", "grid", "grid_index")
 DTYPES = {"float16": np.float16, "float32": np.float32}
+# Root attribute of a store that shards of a sharded convert (`convert --shard I/N`) are writing
+# and `dsca-store finalize` has not finished yet: {"shards": N, "dtype", "codec", "extractor"}.
+# Its presence tells readers that slides may still be missing.
+SHARDED = "sharded_convert"
 
 # Target size of one inner (decodable) chunk: big enough that per-chunk overhead is noise,
 # small enough that region reads touch little extra data (docs/ARCHITECTURE.md, Store format).

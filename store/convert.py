@@ -22,13 +22,23 @@ the other slides are converted and the report lists every failure. Nothing outsi
 Each slide records its sources (path, size, mtime, crc32c); a rerun converts a complete slide
 again when its sources changed since (a re-extraction into the same folders), and skips it
 otherwise.
+
+Sharded (``--shard I/N``, :class:`Shard`, e.g. one job of a cluster job array): the cohort is
+read and checked as a whole, then this run converts only the slides whose id hashes to shard
+I (crc32, so the split is the same in every process and independent of listing order) and
+reports only their problems. N shards write one store at once: they share its lock, the
+first creates the root, none consolidates; :func:`finalize_store` (``dsca-store finalize``)
+does that once all are done, under the exclusive lock that a convert without ``--shard``
+holds too. Until then readers see the complete slides and that the store is not finalized.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import traceback
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +48,9 @@ from dsca.progress import Progress
 from dsca.store._layout import (
     DEFAULT_CODEC,
     DTYPES,
+    SHARDED,
     SLIDES,
+    TEMP_FILE,
     codec_chain,
     complete_attrs,
     complete_slides,
@@ -51,21 +63,64 @@ from dsca.store.parallel import run_tasks
 from dsca.store.provenance import refreshed_sources, source_changes
 from dsca.store.validate import SlideTask, prepare_slide
 from dsca.store.write import (
+    NewStore,
     WriteFailed,
     finish_store,
     init_store,
+    join_store,
     lock_store,
     remove_if_incomplete,
     remove_temp_files,
+    root_attrs,
     update_root,
     update_slides,
     write_slide,
 )
 
 # ConvertError, LabelSlides and read_label_slides are re-exported: the CLI and tests import them from here
-__all__ = ["ConvertReport", "ConvertError", "LabelSlides", "convert_cohort", "read_label_slides"]
+__all__ = ["ConvertReport", "ConvertError", "FinalizeReport", "LabelSlides", "Shard", "convert_cohort",
+           "finalize_store", "read_label_slides"]
 
 log = logging.getLogger(__name__)
+
+_SHARD = re.compile(r"([0-9]+)/([0-9]+)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` of a cohort: the slides whose id's crc32 is `index` modulo `count`.
+
+    A hash of the id alone, not a place in a listing: every process assigns a slide to the same
+    shard whatever else it sees (a slide added meanwhile moves no other), and Python's own
+    `hash` of a string differs between processes.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: expected I/N with N >= 1 and 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`"I/N"` (e.g. ``"$SLURM_ARRAY_TASK_ID/8"``); ValueError with a one-line reason otherwise."""
+        match = _SHARD.fullmatch(text)
+        if match is None:
+            raise ValueError(f"expected I/N (shard I of N, 0 <= I < N), got {text!r}")
+        index, count = int(match.group(1)), int(match.group(2))
+        if count < 1:
+            raise ValueError(f"N must be at least 1, got {text!r}")
+        if index >= count:
+            raise ValueError(f"I must be below N (shards are numbered 0 to N-1), got {text!r}")
+        return cls(index, count)
+
+    def owns(self, slide_id: str) -> bool:
+        """Whether this shard converts `slide_id` (ids that are not valid UTF-8 included)."""
+        return zlib.crc32(slide_id.encode("utf-8", "surrogateescape")) % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 @dataclass
@@ -81,6 +136,8 @@ class ConvertReport:
         missing: slides listed in the labels CSV without any feature file.
         source_bytes: bytes of the source files read for the converted slides.
         seconds: wall time of the run.
+        shard: the shard this run converted (None: the whole cohort); every list above holds
+            its slides only.
     """
 
     out: Path
@@ -91,6 +148,7 @@ class ConvertReport:
     missing: list[str] = field(default_factory=list)
     source_bytes: int = 0
     seconds: float = 0.0
+    shard: Shard | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,12 +203,15 @@ def convert_cohort(
     x5_attrs: dict[str, Any] | None = None,
     x20_attrs: dict[str, Any] | None = None,
     labels_map: str | None = None,
+    shard: Shard | None = None,
 ) -> ConvertReport:
     """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report.
 
     `x5_attrs`/`x20_attrs` give level attributes (patch_size, patch_level, downsample) for
     coordinate files that lack them; a file's own attributes always win. `labels_map` names
-    the labels CSV's columns (see :func:`dsca.labels.parse_labels_map`).
+    the labels CSV's columns (see :func:`dsca.labels.parse_labels_map`). `shard`: convert only
+    that shard's slides, alongside the other shards (the store then needs
+    :func:`finalize_store`); `overwrite` then redoes this shard's complete slides only.
     """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -166,7 +227,7 @@ def convert_cohort(
     options = _Options(dtype, codec, overwrite, dict(x5_attrs or {}), dict(x20_attrs or {}))
     out = Path(out)
     inputs = CohortInputs.open(x5_features, x20_features, x5_coords, x20_coords)
-    report = ConvertReport(out=out)
+    report = ConvertReport(out=out, shard=shard)
     everything = inputs.slide_ids
     if not everything:
         raise ConvertError(f"no slides found: no .h5 in {inputs.c5_dir}, no .pt/.h5 in {inputs.roots[0]} "
@@ -183,7 +244,11 @@ def convert_cohort(
         failures.update({sid: reason for sid, reason in table.problems.items() if sid not in failures})
         report.missing = [sid for sid in table.missing if sid not in failures]
         hint_extensions(table.missing, everything)
-    unlabelled = sorted(everything - set(patients) - set(failures)) if labels is not None else []
+    # the cohort is checked as a whole (ids that collide across shards, one labels CSV), each
+    # shard reports and converts its own slides: the shards' reports add up to one run's
+    mine = shard.owns if shard is not None else (lambda sid: True)
+    report.missing = [sid for sid in report.missing if mine(sid)]
+    unlabelled = sorted(s for s in everything - set(patients) - set(failures) if mine(s)) if labels is not None else []
     if unlabelled:
         more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
         log.warning("%d slides are not in the labels CSV (%s%s); converted without a patient id",
@@ -192,52 +257,73 @@ def convert_cohort(
     existed = out.exists()
     if existed and not out.is_dir():
         raise ConvertError(f"{out} exists and is not a folder; refusing to write into it")
-    if existed and not (out / "zarr.json").exists() and any(out.iterdir()):
+    # temp files: what another convert (or shard) creating this store at the same moment writes first
+    if existed and not (out / "zarr.json").exists() and any(not TEMP_FILE.fullmatch(c.name) for c in out.iterdir()):
         raise ConvertError(f"{out} exists and is not a zarr store; refusing to write into it")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConvertError(f"cannot create {out} ({exc.strerror or exc})") from None
-    lock = lock_store(out)  # on failure the folder stays: the convert holding it owns it now
+    # on failure the folder stays: the convert holding it owns it now
+    lock = lock_store(out, shared=shard is not None)
+    cohort = sorted(everything - set(failures))
+    name = extractor or inputs.encoder or inputs.roots[0].name
+    explicit = extractor is not None or inputs.encoder is not None
     try:
-        attrs, created = init_store(out, existed, dtype, codec, extractor or inputs.encoder or inputs.roots[0].name,
-                                     explicit_extractor=extractor is not None or inputs.encoder is not None)
+        if shard is None:
+            attrs, created = init_store(out, existed, dtype, codec, name, explicit_extractor=explicit)
+        else:
+            # the whole cohort's dim (not this shard's): every shard records the same one
+            attrs, _ = join_store(out, dtype, codec, name, explicit, shard.count, lambda: cohort_dim(inputs, cohort))
+            created = None  # never removed by a shard: the others may be writing into it
     except BaseException:
         os.close(lock)
         raise
     try:
-        slide_ids = sorted(everything - set(failures))
+        slide_ids = [sid for sid in cohort if mine(sid)]
+        if shard is not None:
+            log.info("shard %s: %d of the cohort's %d slides", shard, len(slide_ids), len(cohort))
         tasks = _plan(report, out, inputs, options, slide_ids, patients if labels is not None else None,
-                      attrs.get("feature_dim"), failures)
+                      attrs.get("feature_dim"), failures, shard)
         _convert_all(tasks, jobs, progress, report, failures)
     except BaseException:
         # the first error is the one to report; a full disk would fail the clean-up's writes too
-        finish_store(out, created, quiet=True)
+        _finish(out, created, shard, quiet=True)
         raise
     else:
-        finish_store(out, created)
+        _finish(out, created, shard)
     finally:
         os.close(lock)
     for sid in report.reconverted:
         if sid in failures and complete_attrs(slide_folder(out, sid)) is not None:
             failures[sid] += "; the store keeps the slide as converted from its earlier sources"
-    report.failures = sorted(failures.items())
+    report.failures = sorted((sid, reason) for sid, reason in failures.items() if mine(sid))
     report.converted.sort()
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _finish(out: Path, created: NewStore | None, shard: Shard | None, quiet: bool = False) -> None:
+    """The end of a run: a whole store's (:func:`finish_store`), or only a shard's own leftovers."""
+    if shard is None:
+        finish_store(out, created, quiet=quiet)
+    else:
+        remove_temp_files(out, shard.owns)
+
+
 def _plan(report: ConvertReport, out: Path, inputs: CohortInputs, options: _Options, slide_ids: list[str],
-          patients: dict[str, str] | None, dim: int | None, failures: dict[str, str]) -> list[SlideTask]:
+          patients: dict[str, str] | None, dim: int | None, failures: dict[str, str],
+          shard: Shard | None = None) -> list[SlideTask]:
     """The slides this run converts: new ones, incomplete ones, and complete ones whose sources
-    changed (all with `overwrite`); records the cohort's feature dim in a new store. With
-    labels, complete slides take their patient ids from them."""
+    changed (all with `overwrite`); records the cohort's feature dim in a new store (a shard
+    found it recorded by :func:`join_store`). With labels, complete slides take their patient
+    ids from them. `shard`: only its slides are looked at or cleaned up."""
     labelled = patients is not None
     patients = patients or {}
     updates: dict[str, dict[str, Any]] = {}  # complete slide -> new attrs (patient id, moved sources)
-    remove_temp_files(out)
-    complete = complete_slides(out)
-    if dim is None:
+    remove_temp_files(out, shard.owns if shard is not None else None)
+    complete = {sid: a for sid, a in complete_slides(out).items() if shard is None or shard.owns(sid)}
+    if dim is None and shard is None:
         dim = cohort_dim(inputs, slide_ids)
         if dim is not None:  # recorded before any slide: a killed run must leave a readable store
             update_root(out, {"feature_dim": int(dim)})
@@ -344,3 +430,42 @@ def _convert_all(tasks: list[SlideTask], jobs: int, progress: bool, report: Conv
                     failures[outcome.slide_id] = outcome.reason
         except WriteFailed as exc:
             raise ConvertError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class FinalizeReport:
+    """Outcome of :func:`finalize_store`.
+
+    Attributes:
+        slides: complete slides in the store.
+        shards: N of the sharded convert it finalized (0: its marker was unreadable); None
+            when the store was not waiting for finalize (consolidated again all the same).
+        seconds: wall time.
+    """
+
+    out: Path
+    slides: int
+    shards: int | None
+    seconds: float
+
+
+def finalize_store(out: str | Path) -> FinalizeReport:
+    """Finish a store after the shards of a sharded convert: what a convert without --shard does
+    at its end (leftover temp files removed, the codec in use recorded, metadata consolidated),
+    and the SHARDED marker removed. Holds the store alone (ConvertError while any shard or
+    convert runs); never converts or removes a slide. Safe to run again."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not out.is_dir() or not (out / "zarr.json").is_file():
+        raise ConvertError(f"{out}: no dsca-store here (missing zarr.json)")
+    lock = lock_store(out)
+    try:
+        marker = root_attrs(out).get(SHARDED)
+        finish_store(out, None)
+        slides = len(complete_slides(out))
+    finally:
+        os.close(lock)
+    shards = marker.get("shards") if isinstance(marker, dict) else None
+    if marker is not None and not isinstance(shards, int):
+        shards = 0  # a damaged marker: it was waiting for finalize all the same
+    return FinalizeReport(out, slides, shards, time.perf_counter() - t0)

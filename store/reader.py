@@ -8,9 +8,14 @@ through zarr itself.
 
 Every read either returns the stored values or raises :class:`StoreError` naming the store,
 slide and array.
+
+A store that the shards of a sharded convert are still writing (or that nobody finalized
+since) opens like any other, listing its complete slides; `not_finalized` says why more may
+come, and :meth:`FeatureStore.open` logs it as a warning.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +26,7 @@ import numpy as np
 import zarr
 
 from dsca.coords import BLOCK, patient_grid
-from dsca.store._layout import FORMAT, SLIDES, complete_slides
+from dsca.store._layout import FORMAT, SHARDED, SLIDES, complete_slides
 from dsca.store.attr_checks import count_problem, root_attrs_problem, slide_attrs_problem
 from dsca.store.errors import StoreError
 from dsca.store.shard_reader import ShardLayout, direct_layout, read_rows_direct
@@ -33,6 +38,8 @@ __all__ = ["FeatureStore", "SlideData", "PatientData", "StoreError", "root_attrs
 CHECKED_DEFAULT = True
 
 MODES = ("r", "r+")  # FeatureStore.open never creates or truncates a store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,14 @@ class FeatureStore:
             # group, so list the complete ones from their own zarr.json
             self._slide_attrs = complete_slides(path)
         self.slide_ids: list[str] = sorted(self._slide_attrs)
+        # why slides may still be missing (a sharded convert not finalized yet), or None
+        self.not_finalized: str | None = None
+        if SHARDED in self.attrs:
+            marker = self.attrs[SHARDED]
+            shards = marker.get("shards", "?") if isinstance(marker, dict) else "?"
+            self.not_finalized = (f"not finalized: converted in {shards} shards, some may still be running or "
+                                  f"pending ({len(self.slide_ids)} slides complete so far); run "
+                                  f"'dsca-store finalize {path}' once every shard is done")
         # checked once here, so that info, verify and every read can rely on them
         problem = root_attrs_problem(self.attrs, bool(self.slide_ids))
         if problem:
@@ -129,7 +144,10 @@ class FeatureStore:
                 root = zarr.open_group(p, mode=mode)
         except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
             raise StoreError(f"{p}: cannot open store ({exc})") from None
-        return cls(root, p, checked=checked)
+        store = cls(root, p, checked=checked)
+        if store.not_finalized:  # training on it would silently leave out the slides still to come
+            log.warning("%s: %s", p, store.not_finalized)
+        return store
 
     # --- metadata ---------------------------------------------------------------------------
     @property

@@ -49,6 +49,7 @@ class StoreInfo:
     feature_bytes: int
     raw_bytes: int
     source_bytes: int
+    not_finalized: str | None = None  # a sharded convert awaiting `dsca-store finalize`
 
     @property
     def ratio(self) -> float:
@@ -66,6 +67,8 @@ class StoreInfo:
             yield f"compression  {self.ratio:.3f} of decoded {self.dtype} ({self.raw_bytes / mb:.1f} MB)"
         if self.source_bytes:
             yield f"vs sources   {self.disk_bytes / self.source_bytes:.3f} of the CLAM files ({self.source_bytes / mb:.1f} MB)"
+        if self.not_finalized:
+            yield f"state        {self.not_finalized}"
 
 
 def store_info(path: str | Path) -> StoreInfo:
@@ -102,7 +105,7 @@ def store_info(path: str | Path) -> StoreInfo:
         raise StoreError(f"{p}: cannot size the store ({exc.strerror or exc})") from None
     return StoreInfo(p, len(fs.slide_ids), len(folders) - len(fs.slide_ids), len(fs.patient_slides()), patches,
                      dim, str(fs.attrs["dtype"]), _codec_summary(codecs), disk,
-                     feature_bytes, raw, source_bytes)
+                     feature_bytes, raw, source_bytes, fs.not_finalized)
 
 
 def _codec_summary(codecs: Counter[str]) -> str:
@@ -252,6 +255,8 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False)
     if not (p / SLIDES).is_dir():
         report.problems.append(("<store>", f"{p} has no {SLIDES}/ group (not written by dsca-store convert?)"))
         return report
+    if fs.not_finalized:  # sound so far, but slides of unfinished shards may be missing
+        report.problems.append(("<store>", fs.not_finalized))
     on_disk = complete_slides(p)
     listed = set(fs.slide_ids)
     for sid in sorted(c.name for c in (p / SLIDES).iterdir() if c.is_dir()):
