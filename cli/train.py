@@ -26,6 +26,14 @@ DESCRIPTION = """\
     median best epoch of a cross-validation run (--cv-run) or --epochs; it writes
     final/best.pt, which dsca predict and dsca heatmap apply like a run's fold models.
 
+    Several processes: launch it with torchrun (torchrun --nproc-per-node=K [--nnodes ...]
+    --no-python dsca train ...); nccl on GPUs (rank on cuda:LOCAL_RANK), gloo on CPUs.
+    --parallel data (the default) splits every optimizer step's patients across the ranks
+    and sums their gradients: the same model as one process (up to float rounding);
+    --parallel folds gives each rank whole folds (small cohorts: 5 folds on 5 GPUs; the
+    output folder must then be on a file system every rank sees). Only rank 0 writes the
+    run's files; a rank that fails stops every rank, its error named.
+
     A new run needs an empty --out; --resume continues the run there (the config must be
     the same; running other folds into it adds them, and metrics.json then covers every
     finished fold), --overwrite replaces it. Start from the commented config that
@@ -41,6 +49,8 @@ EXAMPLES = """\
     dsca train --config config.yaml --out runs/brca --resume    # after an interruption
     dsca train --config config.yaml --out runs/brca --resume --folds 3,4   # add folds
     dsca train --config config.yaml --out runs/brca-final --final --cv-run runs/brca
+    torchrun --nproc-per-node=4 --no-python dsca train --config config.yaml --out runs/brca
+    torchrun --nproc-per-node=5 --no-python dsca train --config config.yaml --out runs/brca --parallel folds
     dsca init --out config.yaml                                 # a commented starter config
     """
 
@@ -57,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated fold numbers, e.g. 0,1 (default: the config's folds)")
     parser.add_argument("--device", metavar="DEVICE",
                         help="cpu, cuda, cuda:N or auto (default: the config's device, else auto)")
+    parser.add_argument("--parallel", choices=("data", "folds"),
+                        help="under torchrun: split each optimizer step's patients across the ranks "
+                             "(data, the default) or give each rank whole folds (folds); ignored "
+                             "without torchrun")
     final = parser.add_argument_group("final model")
     final.add_argument("--final", action="store_true",
                        help="train one model on all labelled patients (no validation, no early stop)")
@@ -123,33 +137,75 @@ def _train_final(args: argparse.Namespace, cfg, out: Path) -> int:
     return 0
 
 
+def _rank_logging(ranks) -> None:
+    """Console lines of a torchrun rank start with its rank; in data mode the other ranks
+    repeat rank 0's progress, so they show only warnings and errors."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s [rank {ranks.rank}] %(levelname)s %(name)s: %(message)s"))
+        if ranks.mode == "data" and not ranks.is_main:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def _report_failure(ranks, err: BaseException, message: str) -> None:
+    """Print a failure line; under torchrun tell the other ranks (unless this rank only
+    stopped because another one failed) and leave the error where torchrun's summary of
+    the failed ranks shows it."""
+    from dsca.train.distributed import PeerFailed
+
+    prefix = f"[rank {ranks.rank}] " if ranks.active else ""
+    print(f"dsca train: error: {prefix}{message}", file=sys.stderr)
+    if ranks.active and not isinstance(err, PeerFailed):
+        ranks.note_failure(message)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(RuntimeError(f"rank {ranks.rank}: {message}"))
+
+
 def run(args: argparse.Namespace) -> int:
     from dsca.config import ConfigError, load_config, parse_folds
     from dsca.store import StoreError
-    from dsca.train import train_cross_validation
+    from dsca.train import distributed, train_cross_validation
 
+    ranks = distributed.SINGLE_PROCESS
     try:
         folds = parse_folds(args.folds, "--folds") if args.folds is not None else None
         cfg = load_config(args.config)
         out = args.out or cfg.save_path
         if out is None:
             raise ConfigError(f"{args.config}: no output directory: pass --out or set save_path")
-        if args.final or args.cv_run is not None or args.epochs is not None:
+        final = args.final or args.cv_run is not None or args.epochs is not None
+        if final and distributed.launched_by_torchrun():
+            raise ConfigError("--final trains one model in one process; run it without torchrun")
+        if final:
             return _train_final(args, cfg, out)
-        report = train_cross_validation(cfg, out, folds=folds, device=args.device,
-                                        resume=args.resume, overwrite=args.overwrite)
+        ranks, device = distributed.start(args.parallel, args.device or cfg.device)
+        if ranks.active:
+            _rank_logging(ranks)
+        report = train_cross_validation(cfg, out, folds=folds, device=device, resume=args.resume,
+                                        overwrite=args.overwrite, distributed=ranks)
     # ConfigError and LabelError are ValueErrors; StoreError: a slide that cannot be read (a
-    # damaged chunk found mid-run, possibly in a DataLoader worker)
+    # damaged chunk found mid-run, possibly in a DataLoader worker); PeerFailed: another rank
     except (StoreError, ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         log.debug("dsca train failed", exc_info=True)  # the traceback with -v
-        print(f"dsca train: error: {_one_line(err)}", file=sys.stderr)
+        _report_failure(ranks, err, _one_line(err))
+        distributed.stop(ranks, failed=True)
         return 2
     except OSError as err:  # a full disk, no permission, a file where a folder should be
         log.debug("dsca train failed", exc_info=True)
         where = f"{err.filename}: " if err.filename else ""
-        print(f"dsca train: error: {where}{err.strerror or err}", file=sys.stderr)
+        _report_failure(ranks, err, f"{where}{err.strerror or err}")
+        distributed.stop(ranks, failed=True)
         return 2
+    except BaseException as err:  # a bug, Ctrl-C: the other ranks must still hear of it
+        if ranks.active:
+            _report_failure(ranks, err, f"{type(err).__name__}: {err}")
+        raise
+    distributed.stop(ranks, failed=False)
     s = report["summary"]
+    if not ranks.is_main:  # every rank has the report; rank 0 prints it
+        return 1 if s["n_folds_failed"] else 0
     mean, std = s["test_cindex_mean"], s["test_cindex_std"]
     print(f"test C-index {mean:.3f} +- {std:.3f} over {s['n_folds']} fold(s); outputs in {out}")
     for failed in s.get("failed_folds", []):

@@ -83,9 +83,9 @@ def hazard_ratio(
     undefined = HazardRatio(float("nan"), float("nan"), float("nan"))
     if len(x) != len(time) or not event.any() or x.min() == x.max():
         return undefined
-    xt = torch.as_tensor(x, dtype=torch.float64)
-    et = torch.as_tensor(event, dtype=torch.float64)
-    tt = torch.as_tensor(time, dtype=torch.float64)
+    # copies: the validated arrays may be read-only views (of a DataFrame's column, say),
+    # which torch warns about when it shares their memory
+    xt, et, tt = (torch.tensor(a, dtype=torch.float64) for a in (x, event, time))
 
     def score(beta: float) -> float:
         """d(-log PL)/d(beta)."""

@@ -15,6 +15,8 @@ Modules, in the order one fold uses them:
     rundir      the output folder's rules (new, resume, overwrite)
     logfile     the run's train.log
     crossval    train_cross_validation: every fold of a run, resume, the outputs below
+    distributed torchrun ranks: data-parallel groups (gradients summed over the ranks) or
+                whole folds per rank; rank 0 writes the outputs; failures stop every rank
     final       train_final: one model on every labelled patient (dsca train --final)
     recompute   a run's report recomputed from its predictions.csv (dsca report)
 

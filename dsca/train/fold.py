@@ -8,6 +8,11 @@ never leaves ``best.pt`` one epoch ahead of the state a resume continues from. A
 the best weights are evaluated on train/val/test (:mod:`dsca.train.report`). A fold whose
 model diverges (NaN/inf weights or predictions) is recorded as failed with its reason.
 
+Under torchrun's data mode every rank runs this with its :class:`~dsca.train.distributed.Shard`:
+the ranks split each optimizer group and each evaluated set and compute the same history and
+metrics; only rank 0 touches the fold's folder, and what it reads (``last.pt`` to resume,
+``best.pt`` to evaluate) it broadcasts.
+
     fold<k>/last.pt      resumable state; fold<k>/best.pt best weights, once evaluated with
                          what applying them needs (:mod:`dsca.train.checkpoint`)
     fold<k>/result.json  the fold's metrics, history and predictions
@@ -38,11 +43,12 @@ from dsca.train.checkpoint import (
 )
 from dsca.train.data import FoldData
 from dsca.train.device import grad_scaler
+from dsca.train.distributed import SINGLE, Shard
 from dsca.train.early_stop import EarlyStop, monitor_mode, monitored_value
 from dsca.train.outputs import set_cindex, set_loss
 from dsca.train.report import fold_report, jsonable
 from dsca.train.rundir import NEXT_BEST
-from dsca.train.steps import predict, train_epoch
+from dsca.train.steps import gather_outputs, predict, train_epoch
 
 __all__ = ["FoldFailed", "train_fold", "seed_everything", "finite_weights", "make_self_contained"]
 
@@ -67,9 +73,13 @@ def finite_weights(model: nn.Module) -> bool:
 
 def train_fold(
     cfg: TrainConfig, data: FoldData, fold_dir: Path, device: torch.device, run_id: str,
-    resume: bool = False,
+    resume: bool = False, shard: Shard = SINGLE,
 ) -> dict[str, Any]:
     """Train one fold, evaluate its best weights on every split part, write ``fold_dir``.
+
+    Args:
+        shard: the ranks that train this fold together (data mode), each with this call;
+            the same result on every one of them.
 
     Returns:
         ``{"fold", "status": "ok", "best_epoch", "epochs_run", "history", "bin_edges",
@@ -81,11 +91,11 @@ def train_fold(
     """
     from dsca import build_model
 
-    fold_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     next_best = fold_dir / NEXT_BEST
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
+    shard.broadcast_parameters(model)  # the same start on every rank, whatever its platform
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.opt_eps, cfg.opt_betas)
     mode = monitor_mode(cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -95,8 +105,22 @@ def train_fold(
     scaler = grad_scaler(device, cfg.amp)
     history: list[dict[str, float]] = []
     start = 0
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, kind="last", run_id=run_id, fold=data.fold)
+
+    def prepare() -> dict[str, Any] | None:
+        """Rank 0: the fold's folder made ready; the state to resume from, or None."""
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        if resume and last_path.is_file():
+            state = load_checkpoint(last_path, kind="last", run_id=run_id, fold=data.fold)
+            stopped = EarlyStop.from_state_dict(state["stopper"])
+            _settle_next_best(next_best, best_path, stopped.best_epoch, run_id, data.fold)
+            return state
+        # a fold started afresh (also one that failed before) keeps nothing of an earlier try
+        for stale in (last_path, best_path, next_best, fold_dir / "result.json"):
+            stale.unlink(missing_ok=True)
+        return None
+
+    state = shard.from_main(prepare)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -106,12 +130,7 @@ def train_fold(
         history = state["history"]
         start = state["epoch"] + 1
         set_rng_state(state["rng"])
-        _settle_next_best(next_best, best_path, stopper.best_epoch, run_id, data.fold)
         log.info("fold %d: resumed after epoch %d", data.fold, start)
-    else:
-        # a fold started afresh (also one that failed before) keeps nothing of an earlier try
-        for stale in (last_path, best_path, next_best, fold_dir / "result.json"):
-            stale.unlink(missing_ok=True)
 
     sets = data.datasets
     if len(sets["train"]) < cfg.bp_every_iters:
@@ -123,8 +142,10 @@ def train_fold(
             break
         t0 = time.perf_counter()
         desc = f"fold {data.fold} epoch {epoch + 1}/{cfg.epochs}"
-        step_loss, train_out = train_epoch(model, sets["train"], optimizer, cfg, device, epoch, scaler, desc)
-        val_out = predict(model, sets["val"], cfg, device, f"fold {data.fold} val")
+        step_loss, train_out = train_epoch(model, sets["train"], optimizer, cfg, device, epoch,
+                                           scaler, desc, shard)
+        val_out = gather_outputs(shard, predict(model, shard.subset(sets["val"]), cfg, device,
+                                                f"fold {data.fold} val"))
         val_loss = set_loss(cfg, val_out)
         val_ci = set_cindex(val_out)
         row = {
@@ -146,7 +167,7 @@ def train_fold(
             log.warning("fold %d: %s; training stopped", data.fold, diverged)
             break  # nothing of this epoch is saved: a resume would diverge again
         improved = stopper.update(epoch, monitored)
-        if improved:
+        if improved and shard.is_main:
             save_checkpoint(next_best, kind="best", run_id=run_id, fold=data.fold, epoch=epoch,
                             model=model.state_dict())
         scheduler.step(monitored)
@@ -155,10 +176,11 @@ def train_fold(
             data.fold, epoch + 1, row["train_loss"], row["train_cindex"], val_loss, val_ci,
             row["lr"], row["seconds"], " *" if stopper.best_epoch == epoch else "",
         )
-        _save_last(last_path, run_id, data.fold, epoch, model, optimizer, scheduler, stopper,
-                   scaler, history)
-        if improved:  # its last.pt is written: the waiting weights are the fold's best now
-            next_best.replace(best_path)
+        if shard.is_main:
+            _save_last(last_path, run_id, data.fold, epoch, model, optimizer, scheduler, stopper,
+                       scaler, history)
+            if improved:  # its last.pt is written: the waiting weights are the fold's best now
+                next_best.replace(best_path)
         if stopper.stop:
             log.info("fold %d: early stop after epoch %d (best %d)", data.fold, epoch + 1,
                      stopper.best_epoch + 1)
@@ -174,13 +196,14 @@ def train_fold(
         "run_id": run_id,
     }
     try:
-        result.update(_evaluate_best(cfg, data, model, best_path, stopper, device, run_id))
+        result.update(_evaluate_best(cfg, data, model, best_path, stopper, device, run_id, shard))
     except FoldFailed as err:
         reason = f"{err}" + (f"; {diverged}" if diverged else "")
         log.error("fold %d failed: %s", data.fold, reason)
         result.update(status="failed", reason=reason, best_epoch=0)
-    with atomic_write(fold_dir / "result.json") as f:
-        json.dump(jsonable(result), f, indent=1)
+    if shard.is_main:
+        with atomic_write(fold_dir / "result.json") as f:
+            json.dump(jsonable(result), f, indent=1)
     return result
 
 
@@ -212,7 +235,7 @@ def _save_last(
 
 def _evaluate_best(
     cfg: TrainConfig, data: FoldData, model: nn.Module, best_path: Path, stopper: EarlyStop,
-    device: torch.device, run_id: str,
+    device: torch.device, run_id: str, shard: Shard,
 ) -> dict[str, Any]:
     """Metrics and prediction rows of the fold's best weights on train, val and test.
 
@@ -222,13 +245,19 @@ def _evaluate_best(
     """
     if stopper.best_epoch < 0:
         raise FoldFailed(f"no epoch had a finite validation {cfg.monitor_metrics}")
-    state = load_checkpoint(best_path, kind="best", run_id=run_id, fold=data.fold)
-    if state["epoch"] != stopper.best_epoch:
-        raise CheckpointError(f"{best_path}: holds epoch {state['epoch'] + 1}, the best epoch is "
-                              f"{stopper.best_epoch + 1}; delete the fold{data.fold} folder and "
-                              f"train fold {data.fold} again")
+
+    def load_best() -> dict[str, Any]:
+        state = load_checkpoint(best_path, kind="best", run_id=run_id, fold=data.fold)
+        if state["epoch"] != stopper.best_epoch:
+            raise CheckpointError(f"{best_path}: holds epoch {state['epoch'] + 1}, the best epoch "
+                                  f"is {stopper.best_epoch + 1}; delete the fold{data.fold} folder "
+                                  f"and train fold {data.fold} again")
+        return state
+
+    state = shard.from_main(load_best)
     model.load_state_dict(state["model"])
-    outputs = {name: predict(model, ds, cfg, device, f"fold {data.fold} eval {name}")
+    outputs = {name: gather_outputs(shard, predict(model, shard.subset(ds), cfg, device,
+                                                   f"fold {data.fold} eval {name}"))
                for name, ds in data.datasets.items()}
     for name, out in outputs.items():
         bad = int((~torch.isfinite(out.out)).any(dim=1).sum())
@@ -237,7 +266,9 @@ def _evaluate_best(
                              f"inf for {bad} of {len(out.patient_ids)} {name} patients")
     bin_edges = np.asarray(data.labels.attrs["bin_edges"])
     report = fold_report(cfg, outputs, bin_edges, data.fold)
-    make_self_contained(best_path, state, cfg, bin_edges, outputs["train"].risk, run_id, data.fold)
+    if shard.is_main:
+        make_self_contained(best_path, state, cfg, bin_edges, outputs["train"].risk, run_id,
+                            data.fold)
     return report
 
 

@@ -1,5 +1,10 @@
 """`dsca demo` end to end at a small size (the full-size numbers are in the README): the
-planted signal must be learned, the shuffled-label control must not."""
+planted signal must be learned, the shuffled-label control must not.
+
+At this size a fold's test set is 32 patients, whose C-index has a bootstrap spread of about
++-0.08, and other seeds (other cohorts) can land anywhere from no signal to 0.72 after 8
+epochs: the cross-validated margin asked for is modest, and the learned signal is checked on
+the 100 patients of the external cohort (its bootstrap interval must exclude 0.5)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +18,7 @@ def test_demo_runs_signal_and_control(tmp_path, capsys, monkeypatch):
     # a relative --out, as the README's first command uses
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", "demo", "--patients", "120", "--epochs", "8", "--folds", "0,1"]) == 0
+    assert main(["demo", "--out", "demo", "--patients", "160", "--epochs", "8", "--folds", "0,1"]) == 0
     text = capsys.readouterr().out
     assert "test C-index (signal)" in text and "test C-index (control)" in text
     summary = {}
@@ -22,7 +27,7 @@ def test_demo_runs_signal_and_control(tmp_path, capsys, monkeypatch):
         assert [f["fold"] for f in metrics["folds"]] == [0, 1]
         assert (out / run / "km_test.png").is_file() and (out / run / "training_curves.png").is_file()
         summary[run] = metrics["summary"]
-    assert summary["signal"]["test_cindex_mean"] > summary["control"]["test_cindex_mean"] + 0.15
+    assert summary["signal"]["test_cindex_mean"] > summary["control"]["test_cindex_mean"] + 0.1
     assert summary["signal"]["test_pooled_hazard_ratio"] > 1.0
     # the control permutes (t, e) across patients and keeps every slide with its patient
     signal = pd.read_csv(out / "cohort" / "synth_path_full.csv")
@@ -35,7 +40,7 @@ def test_demo_runs_signal_and_control(tmp_path, capsys, monkeypatch):
     # the run applied: an external cohort of new patients, heatmaps of test slides on their WSIs
     assert "external cohort (100 new patients" in text and "attention vs the planted motif" in text
     external = json.loads((out / "signal-predict" / "metrics.json").read_text())
-    assert external["n"] == 100 and external["cindex"] > 0.5
+    assert external["n"] == 100 and external["cindex_ci_low"] > 0.5
     table = pd.read_csv(out / "signal-predict" / "predictions.csv")
     assert list(table.columns[:4]) == ["patient_id", "risk", "risk_fold0", "risk_fold1"]
     heatmaps = sorted((out / "signal-heatmaps").iterdir())
