@@ -51,8 +51,16 @@ setup(
         # scikit-survival and lifelines are the independent oracles that dsca's own survival
         # metrics and Cox loss are tested against (tests/training/test_training_oracles.py);
         # they are not needed at run time.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scikit-survival>=0.23", "lifelines>=0.28"],
-        "bench": ["pytest>=8", "pytest-benchmark>=4"],
+        # s3fs and moto's server: tests/store/test_store_s3.py runs the store against a real S3
+        # server on 127.0.0.1 (no cloud account needed).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scikit-survival>=0.23", "lifelines>=0.28",
+                 "s3fs>=2024.12", "moto[server]>=5"],
+        # stores on S3 (`s3://bucket/cohort.zarr`): zarr's FsspecStore needs fsspec's S3 file
+        # system, s3fs; it pins fsspec to its own release, so pip picks the s3fs of the fsspec
+        # in use. Other object stores need their fsspec package (gcsfs, adlfs) instead.
+        "s3": ["s3fs>=2024.12"],
+        # the S3 benchmark reads from moto's server too (it skips without them)
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "s3fs>=2024.12", "moto[server]>=5"],
     },
     entry_points={
         "console_scripts": [

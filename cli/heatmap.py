@@ -44,8 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsca.infer.heatmap import heatmap_run
+    from dsca.train.distributed import launched_by_torchrun
 
     def work() -> int:
+        if launched_by_torchrun():  # every rank would draw and write the same slides
+            raise ValueError("dsca heatmap runs in one process; run it without torchrun")
         folders = heatmap_run(args.run, args.store, args.out, slides=args.slides, patients=args.patients,
                               labels_csv=args.labels, wsi_dir=args.wsi, top_k=args.top_k,
                               device=args.device, allow_other_extractor=args.allow_other_extractor,

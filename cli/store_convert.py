@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsca.cli._common import print_to_stderr
-from dsca.cli._store_options import parse_level_attrs_option
+from dsca.cli._store_options import add_storage_arguments, parse_level_attrs_option, parse_storage_options
 
 if TYPE_CHECKING:
     from dsca.store.convert import Shard
@@ -38,7 +38,9 @@ EXAMPLES = """
             --labels labels.csv --out cohort.zarr --jobs 4
         # resume after a crash or Ctrl-C: the same command again
         # job I of a job array of 8 (SLURM: --shard $SLURM_ARRAY_TASK_ID/8), then once: dsca-store finalize cohort.zarr
-        dsca-store convert ... --out cohort.zarr --shard 3/8"""
+        dsca-store convert ... --out cohort.zarr --shard 3/8
+        # into S3 (credentials and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)
+        dsca-store convert ... --out s3://bucket/cohort.zarr --staging /scratch/$USER"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--x20-features", required=True, type=Path, help="level-1 features: root, pt_files/ or h5_files/")
     add("--x5-coords", required=True, type=Path, help="level-2 coords dir (CLAM save dir or patches/)")
     add("--x20-coords", type=Path, help="level-1 coords dir; checks the 4x4 alignment (default: only against h5_files coords)")
-    add("--out", required=True, type=Path, help="the store to create or resume")
+    add("--out", required=True, help="the store to create or resume: a folder, or a URL (s3://bucket/cohort.zarr)")
     add("--labels", type=Path, help="labels CSV: slide -> patient (see above; default: slides without a patient id)")
     add("--labels-map", metavar="K=COL,...",
         help="label columns: slide=, patient=, time=, event= or censorship= (1 - event) "
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="patch_size, patch_level, downsample for x5 coords files without them (default: none)")
     add("--x20-attrs", metavar="K=V,...",
         help="the same for x20 coords files (default: none)")
+    add_storage_arguments(parser, staging=True)
 
 
 def _shard_option(text: str) -> Shard:
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             codec=args.codec, jobs=args.jobs, overwrite=args.overwrite, progress=not args.quiet,
             extractor=args.extractor, x5_attrs=parse_level_attrs_option(args.x5_attrs, "--x5-attrs"),
             x20_attrs=parse_level_attrs_option(args.x20_attrs, "--x20-attrs"), labels_map=args.labels_map,
-            shard=args.shard,
+            shard=args.shard, storage_options=parse_storage_options(args.storage_option), staging=args.staging,
         )
     except ConvertError as exc:
         print_to_stderr([f"error: {exc}"])

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dsca.cli._common import print_to_stderr
+from dsca.cli._store_options import add_storage_arguments, parse_storage_options
 
 HELP = "finish a store converted with --shard, once every shard is done"
 
@@ -18,19 +18,21 @@ DESCRIPTION = """
 
 EXAMPLES = """
         dsca-store finalize cohort.zarr
+        dsca-store finalize s3://bucket/cohort.zarr
         # SLURM: after the job array of the shards
         sbatch --dependency=afterok:$ARRAY_JOB_ID --wrap 'dsca-store finalize cohort.zarr'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", type=Path, help="the store the shards wrote")
+    parser.add_argument("store", help="the store the shards wrote: a folder or a URL (s3://...)")
+    add_storage_arguments(parser, staging=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from dsca.store.convert import ConvertError, finalize_store
 
     try:
-        report = finalize_store(args.store)
+        report = finalize_store(args.store, parse_storage_options(args.storage_option), args.staging)
     except ConvertError as exc:
         print_to_stderr([f"error: {exc}"])
         return 2

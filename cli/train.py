@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dsca.cli._ranks import one_line, rank_logging, report_failure
+
 HELP = "train and evaluate DSCA with k-fold cross-validation (reference YAML + store/labels/splits)"
 
 DESCRIPTION = """\
@@ -87,27 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="replace the run in --out (only the files a run writes are removed)")
 
 
-def _one_line(err: BaseException) -> str:
-    """The error's own message, on one line.
-
-    A DataLoader worker's exception comes back re-raised as the same type, but its message is
-    "Caught X in DataLoader worker process N. Original Traceback ...": the original message is
-    the last line of that traceback, after "module.X: ".
-    """
-    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    if msg.startswith("Caught ") and "Original Traceback" in msg:
-        last = [line for line in msg.splitlines() if line.strip()][-1]
-        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-        for head in (prefix, f"{type(err).__qualname__}: "):
-            if last.startswith(head):
-                last = last[len(head):]
-                break
-        msg = last
-        if isinstance(err, KeyError) and len(msg) >= 2 and msg[0] == msg[-1] and msg[0] in "'\"":
-            msg = msg[1:-1]  # a KeyError's str() is its repr
-    return " ".join(msg.split())
-
-
 def _train_final(args: argparse.Namespace, cfg, out: Path) -> int:
     """--final: the checks of its options, then the training (errors go to :func:`run`)."""
     from dsca.config import ConfigError
@@ -137,32 +118,6 @@ def _train_final(args: argparse.Namespace, cfg, out: Path) -> int:
     return 0
 
 
-def _rank_logging(ranks) -> None:
-    """Console lines of a torchrun rank start with its rank; in data mode the other ranks
-    repeat rank 0's progress, so they show only warnings and errors."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s [rank {ranks.rank}] %(levelname)s %(name)s: %(message)s"))
-        if ranks.mode == "data" and not ranks.is_main:
-            handler.setLevel(max(handler.level, logging.WARNING))
-
-
-def _report_failure(ranks, err: BaseException, message: str) -> None:
-    """Print a failure line; under torchrun tell the other ranks (unless this rank only
-    stopped because another one failed) and leave the error where torchrun's summary of
-    the failed ranks shows it."""
-    from dsca.train.distributed import PeerFailed
-
-    prefix = f"[rank {ranks.rank}] " if ranks.active else ""
-    print(f"dsca train: error: {prefix}{message}", file=sys.stderr)
-    if ranks.active and not isinstance(err, PeerFailed):
-        ranks.note_failure(message)
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(RuntimeError(f"rank {ranks.rank}: {message}"))
-
-
 def run(args: argparse.Namespace) -> int:
     from dsca.config import ConfigError, load_config, parse_folds
     from dsca.store import StoreError
@@ -182,25 +137,25 @@ def run(args: argparse.Namespace) -> int:
             return _train_final(args, cfg, out)
         ranks, device = distributed.start(args.parallel, args.device or cfg.device)
         if ranks.active:
-            _rank_logging(ranks)
+            rank_logging(ranks)
         report = train_cross_validation(cfg, out, folds=folds, device=device, resume=args.resume,
                                         overwrite=args.overwrite, distributed=ranks)
     # ConfigError and LabelError are ValueErrors; StoreError: a slide that cannot be read (a
     # damaged chunk found mid-run, possibly in a DataLoader worker); PeerFailed: another rank
     except (StoreError, ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         log.debug("dsca train failed", exc_info=True)  # the traceback with -v
-        _report_failure(ranks, err, _one_line(err))
+        report_failure("train", ranks, err, one_line(err))
         distributed.stop(ranks, failed=True)
         return 2
     except OSError as err:  # a full disk, no permission, a file where a folder should be
         log.debug("dsca train failed", exc_info=True)
         where = f"{err.filename}: " if err.filename else ""
-        _report_failure(ranks, err, f"{where}{err.strerror or err}")
+        report_failure("train", ranks, err, f"{where}{err.strerror or err}")
         distributed.stop(ranks, failed=True)
         return 2
     except BaseException as err:  # a bug, Ctrl-C: the other ranks must still hear of it
         if ranks.active:
-            _report_failure(ranks, err, f"{type(err).__name__}: {err}")
+            report_failure("train", ranks, err, f"{type(err).__name__}: {err}")
         raise
     distributed.stop(ranks, failed=False)
     s = report["summary"]

@@ -13,6 +13,9 @@ Where things live (docs/ARCHITECTURE.md has the store format):
 * reading the store - :mod:`~dsca.store.reader` (:class:`FeatureStore`), ``shard_reader``
   (the direct shard path), ``attr_checks`` (metadata checks), :mod:`~dsca.store.dataset`
   (the patient-level torch Dataset), :mod:`~dsca.store.verify` (``info``, ``verify``);
+* object storage (``s3://...``, any fsspec URL) - :mod:`~dsca.store.remote` (URLs, reads through
+  zarr's FsspecStore, the chunk cache), :mod:`~dsca.store.remote_write` (convert and finalize
+  through a local staging store, uploads in a safe order);
 * ``_layout`` (format constants, codecs, slide ids), ``errors`` (ClamError, ConvertError,
   StoreError), :mod:`~dsca.store.synth` / ``synth_spec`` (a synthetic CLAM cohort).
 """

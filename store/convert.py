@@ -57,10 +57,12 @@ from dsca.store._layout import (
     slide_folder,
     slide_id_problem,
 )
-from dsca.store.errors import ClamError, ConvertError
+from dsca.store.errors import ClamError, ConvertError, StoreError
 from dsca.store.inputs import CohortInputs, LabelSlides, cohort_dim, duplicate_ids, hint_extensions, read_label_slides
 from dsca.store.parallel import run_tasks
 from dsca.store.provenance import refreshed_sources, source_changes
+from dsca.store.remote import RemoteLocation, StorageOptions, is_url, local_path
+from dsca.store.remote_write import RemotePublisher
 from dsca.store.validate import SlideTask, prepare_slide
 from dsca.store.write import (
     NewStore,
@@ -140,7 +142,7 @@ class ConvertReport:
             its slides only.
     """
 
-    out: Path
+    out: Path | str  # a local folder, or the store's URL
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reconverted: list[str] = field(default_factory=list)
@@ -204,6 +206,8 @@ def convert_cohort(
     x20_attrs: dict[str, Any] | None = None,
     labels_map: str | None = None,
     shard: Shard | None = None,
+    storage_options: StorageOptions | None = None,
+    staging: str | Path | None = None,
 ) -> ConvertReport:
     """Validate and pack a cohort; see the module docstring. Per-slide problems go to the report.
 
@@ -212,6 +216,10 @@ def convert_cohort(
     the labels CSV's columns (see :func:`dsca.labels.parse_labels_map`). `shard`: convert only
     that shard's slides, alongside the other shards (the store then needs
     :func:`finalize_store`); `overwrite` then redoes this shard's complete slides only.
+
+    `out` may be a URL (``s3://bucket/cohort.zarr``; `storage_options` for fsspec): the run
+    then converts into a staging store in `staging` (default: the temp folder) and uploads
+    each slide as it is done, in the order of :mod:`dsca.store.remote_write`.
     """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -225,9 +233,32 @@ def convert_cohort(
         log.warning("--jobs %d is more than the %d CPU cores available; using %d", jobs, cores, cores)
         jobs = cores
     options = _Options(dtype, codec, overwrite, dict(x5_attrs or {}), dict(x20_attrs or {}))
-    out = Path(out)
+    publisher = None
+    if is_url(out):
+        try:
+            publisher = RemotePublisher(RemoteLocation(str(out), storage_options), staging)
+        except StoreError as exc:
+            raise ConvertError(str(exc)) from None
+    try:
+        return _convert(x5_features, x20_features, x5_coords, out, x20_coords, labels, dtype, codec, jobs, progress,
+                        extractor, labels_map, shard, options, publisher, t0)
+    except ConvertError as exc:
+        if publisher is None:
+            raise
+        raise ConvertError(publisher.message(str(exc))) from None
+    finally:
+        if publisher is not None:
+            publisher.close()
+
+
+def _convert(x5_features: str | Path, x20_features: str | Path, x5_coords: str | Path, out: str | Path,
+             x20_coords: str | Path | None, labels: str | Path | None, dtype: str, codec: str, jobs: int,
+             progress: bool, extractor: str | None, labels_map: str | None, shard: Shard | None, options: _Options,
+             publisher: RemotePublisher | None, t0: float) -> ConvertReport:
+    """convert_cohort after its options are checked; `publisher`: `out` is a URL."""
+    out = local_path(out) if publisher is None else publisher.store
     inputs = CohortInputs.open(x5_features, x20_features, x5_coords, x20_coords)
-    report = ConvertReport(out=out, shard=shard)
+    report = ConvertReport(out=out if publisher is None else publisher.remote.url, shard=shard)
     everything = inputs.slide_ids
     if not everything:
         raise ConvertError(f"no slides found: no .h5 in {inputs.c5_dir}, no .pt/.h5 in {inputs.roots[0]} "
@@ -254,7 +285,7 @@ def convert_cohort(
         log.warning("%d slides are not in the labels CSV (%s%s); converted without a patient id",
                     len(unlabelled), ", ".join(unlabelled[:3]), more)
 
-    existed = out.exists()
+    existed = publisher.mirror() if publisher is not None else out.exists()
     if existed and not out.is_dir():
         raise ConvertError(f"{out} exists and is not a folder; refusing to write into it")
     # temp files: what another convert (or shard) creating this store at the same moment writes first
@@ -285,19 +316,30 @@ def convert_cohort(
             log.info("shard %s: %d of the cohort's %d slides", shard, len(slide_ids), len(cohort))
         tasks = _plan(report, out, inputs, options, slide_ids, patients if labels is not None else None,
                       attrs.get("feature_dim"), failures, shard)
-        _convert_all(tasks, jobs, progress, report, failures)
+        if publisher is not None:  # the root without a stale summary, before any slide changes
+            publisher.publish_metadata()
+        _convert_all(tasks, jobs, progress, report, failures, publisher)
     except BaseException:
         # the first error is the one to report; a full disk would fail the clean-up's writes too
+        if publisher is not None:
+            publisher.match_remote()
         _finish(out, created, shard, quiet=True)
+        if publisher is not None and shard is None:
+            publisher.finish(quiet=True)
         raise
     else:
+        if publisher is not None:
+            publisher.match_remote()
         _finish(out, created, shard)
+        if publisher is not None and shard is None:
+            publisher.finish()
     finally:
         os.close(lock)
     for sid in report.reconverted:
         if sid in failures and complete_attrs(slide_folder(out, sid)) is not None:
             failures[sid] += "; the store keeps the slide as converted from its earlier sources"
-    report.failures = sorted((sid, reason) for sid, reason in failures.items() if mine(sid))
+    shown = publisher.message if publisher is not None else str
+    report.failures = sorted((sid, shown(reason)) for sid, reason in failures.items() if mine(sid))
     report.converted.sort()
     report.seconds = time.perf_counter() - t0
     return report
@@ -413,8 +455,9 @@ _CONVERT_SLIDE = f"{__name__}:_convert_slide"
 
 
 def _convert_all(tasks: list[SlideTask], jobs: int, progress: bool, report: ConvertReport,
-                 failures: dict[str, str]) -> None:
-    """Run the tasks into `report`/`failures`."""
+                 failures: dict[str, str], publisher: RemotePublisher | None = None) -> None:
+    """Run the tasks into `report`/`failures`; with `publisher`, upload each converted slide
+    (here, in this process, as its outcome arrives: workers only write the staging store)."""
     with Progress(len(tasks), "convert", "slide", enabled=progress) as bar:
         try:
             for outcome in run_tasks(tasks, jobs, _CONVERT_SLIDE, lost=_worker_died, discard=_discard):
@@ -423,6 +466,8 @@ def _convert_all(tasks: list[SlideTask], jobs: int, progress: bool, report: Conv
                     log.debug("%s: %s", outcome.slide_id, outcome.traceback)
                 for note in outcome.notes:
                     log.warning("%s: %s", outcome.slide_id, note)
+                if outcome.reason is None and publisher is not None:
+                    publisher.publish_slide(outcome.slide_id)  # ConvertError: fatal, as WriteFailed
                 if outcome.reason is None:
                     report.converted.append(outcome.slide_id)
                     report.source_bytes += outcome.source_bytes
@@ -443,18 +488,25 @@ class FinalizeReport:
         seconds: wall time.
     """
 
-    out: Path
+    out: Path | str
     slides: int
     shards: int | None
     seconds: float
 
 
-def finalize_store(out: str | Path) -> FinalizeReport:
+def finalize_store(out: str | Path, storage_options: StorageOptions | None = None,
+                   staging: str | Path | None = None) -> FinalizeReport:
     """Finish a store after the shards of a sharded convert: what a convert without --shard does
     at its end (leftover temp files removed, the codec in use recorded, metadata consolidated),
     and the SHARDED marker removed. Holds the store alone (ConvertError while any shard or
-    convert runs); never converts or removes a slide. Safe to run again."""
+    convert runs); never converts or removes a slide. Safe to run again.
+
+    `out` may be a URL: the remote slide documents are mirrored into a staging store (in
+    `staging`), consolidated there and the root uploaded (no lock on object storage: run it
+    once every shard is done)."""
     t0 = time.perf_counter()
+    if is_url(out):
+        return _finalize_remote(str(out), storage_options, staging, t0)
     out = Path(out)
     if not out.is_dir() or not (out / "zarr.json").is_file():
         raise ConvertError(f"{out}: no dsca-store here (missing zarr.json)")
@@ -465,7 +517,33 @@ def finalize_store(out: str | Path) -> FinalizeReport:
         slides = len(complete_slides(out))
     finally:
         os.close(lock)
+    return FinalizeReport(out, slides, _marker_shards(marker), time.perf_counter() - t0)
+
+
+def _marker_shards(marker: Any) -> int | None:
+    """The shard count a SHARDED marker records (None: the store was not sharded)."""
     shards = marker.get("shards") if isinstance(marker, dict) else None
     if marker is not None and not isinstance(shards, int):
         shards = 0  # a damaged marker: it was waiting for finalize all the same
-    return FinalizeReport(out, slides, shards, time.perf_counter() - t0)
+    return shards
+
+
+def _finalize_remote(url: str, storage_options: StorageOptions | None, staging: str | Path | None,
+                     t0: float) -> FinalizeReport:
+    """finalize_store of a store at a URL, through a staging copy of its metadata."""
+    try:
+        publisher = RemotePublisher(RemoteLocation(url, storage_options), staging)
+    except StoreError as exc:
+        raise ConvertError(str(exc)) from None
+    try:
+        if not publisher.mirror():
+            raise ConvertError(f"{publisher.remote.url}: no dsca-store here ({publisher.remote.absent_reason()})")
+        marker = root_attrs(publisher.store).get(SHARDED)
+        finish_store(publisher.store, None)
+        publisher.finish()
+        slides = len(complete_slides(publisher.store))
+    except ConvertError as exc:
+        raise ConvertError(publisher.message(str(exc))) from None
+    finally:
+        publisher.close()
+    return FinalizeReport(publisher.remote.url, slides, _marker_shards(marker), time.perf_counter() - t0)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from dsca.labels import LABEL_COLUMNS
 from dsca.store.reader import CHECKED_DEFAULT, FeatureStore
+from dsca.store.remote import StorageOptions, is_url
 
 # LABEL_COLUMNS is re-exported: the dataset's label tensor holds these columns in this order
 __all__ = ["PatientDataset", "PatientSample", "LABEL_COLUMNS"]
@@ -41,12 +42,13 @@ class PatientDataset(Dataset):
     """All slides of each patient, concatenated in the given order.
 
     Args:
-        store_path: a `dsca-store/1` store.
+        store_path: a `dsca-store/1` store: a folder, or a URL (``s3://bucket/cohort.zarr``).
         patient_slides: patient id -> slide ids (the concatenation order).
         labels: optional DataFrame indexed by patient id with float columns t, e, y_t, y_c.
         dtype: torch dtype of the features (decoded straight into it).
         checked: verify each chunk's crc32c while reading (`FeatureStore.open`); a damaged
             chunk then raises StoreError, also out of DataLoader workers.
+        storage_options: fsspec options of a store at a URL (`FeatureStore.open`).
 
     The store is opened lazily in each process (zarr keeps an event-loop thread, so a handle
     must never cross a fork); pickling drops the handle.
@@ -54,8 +56,10 @@ class PatientDataset(Dataset):
 
     def __init__(self, store_path: str | Path, patient_slides: Mapping[str, Sequence[str]],
                  labels: pd.DataFrame | None = None, dtype: torch.dtype = torch.float32,
-                 checked: bool = CHECKED_DEFAULT) -> None:
-        self.store_path = Path(store_path)
+                 checked: bool = CHECKED_DEFAULT, storage_options: StorageOptions | None = None) -> None:
+        # a URL stays a str: a Path would collapse "s3://b/x" to "s3:/b/x"
+        self.store_path: str | Path = str(store_path) if is_url(store_path) else Path(store_path)
+        self.storage_options = dict(storage_options) if storage_options is not None else None
         self.checked = checked
         self.patient_ids = list(patient_slides)
         self.patient_slides = {p: list(s) for p, s in patient_slides.items()}
@@ -81,7 +85,8 @@ class PatientDataset(Dataset):
     @property
     def store(self) -> FeatureStore:
         if self._store is None or self._pid != os.getpid():
-            self._store = FeatureStore.open(self.store_path, checked=self.checked)
+            self._store = FeatureStore.open(self.store_path, checked=self.checked,
+                                            storage_options=self.storage_options)
             self._pid = os.getpid()
         return self._store
 

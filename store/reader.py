@@ -6,6 +6,10 @@ direct path of :mod:`dsca.store.shard_reader`; any other layout falls back to za
 (tests prove both paths return the same arrays). `dsca-store verify` reads every chunk
 through zarr itself.
 
+A store at a URL (``s3://bucket/cohort.zarr``, :mod:`dsca.store.remote`) is opened through
+zarr's FsspecStore; its shard objects are fetched whole, all of a patient's at once, and decoded
+by the same direct path (from the optional chunk cache's files, when cached).
+
 Every read either returns the stored values or raises :class:`StoreError` naming the store,
 slide and array.
 
@@ -15,20 +19,24 @@ come, and :meth:`FeatureStore.open` logs it as a warning.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from dsca.coords import BLOCK, patient_grid
 from dsca.store._layout import FORMAT, SHARDED, SLIDES, complete_slides
 from dsca.store.attr_checks import count_problem, root_attrs_problem, slide_attrs_problem
 from dsca.store.errors import StoreError
+from dsca.store.remote import ChunkStore, RemoteLocation, StorageOptions, is_url, local_path
 from dsca.store.shard_reader import ShardLayout, direct_layout, read_rows_direct
 
 __all__ = ["FeatureStore", "SlideData", "PatientData", "StoreError", "root_attrs_problem", "slide_attrs_problem"]
@@ -40,6 +48,8 @@ CHECKED_DEFAULT = True
 MODES = ("r", "r+")  # FeatureStore.open never creates or truncates a store
 
 log = logging.getLogger(__name__)
+
+_COLLAPSED_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/[^/]")
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,17 @@ class FeatureStore:
     and array; `checked` (see `open`) decides whether chunk checksums are part of that.
     """
 
-    def __init__(self, root: zarr.Group, path: Path, checked: bool = CHECKED_DEFAULT) -> None:
+    def __init__(self, root: zarr.Group, path: Path | str, checked: bool = CHECKED_DEFAULT,
+                 remote: RemoteLocation | None = None, direct: bool = True) -> None:
         self._root = root
+        # where the store lives, for messages: a local folder, or the URL as a str (a URL put
+        # through Path would lose a slash)
         self.path = path
+        self.remote = remote
+        # False: every read goes through zarr's own pipeline (verify's second look)
+        self.direct = direct
+        # a remote store's chunk cache folder (None: no cache)
+        self._cache = root.store.cache if isinstance(root.store, ChunkStore) else None
         self.checked = checked
         self.attrs: dict[str, Any] = dict(root.attrs)
         if self.attrs.get("format") != FORMAT:
@@ -102,7 +120,7 @@ class FeatureStore:
         else:
             # a convert is running or was killed: zarr's listing would fail on a half-written
             # group, so list the complete ones from their own zarr.json
-            self._slide_attrs = complete_slides(path)
+            self._slide_attrs = remote.complete_slides() if remote is not None else complete_slides(Path(path))
         self.slide_ids: list[str] = sorted(self._slide_attrs)
         # why slides may still be missing (a sharded convert not finalized yet), or None
         self.not_finalized: str | None = None
@@ -118,11 +136,21 @@ class FeatureStore:
             raise StoreError(f"{path}: {problem} (not written by dsca-store convert, or damaged)")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", checked: bool = CHECKED_DEFAULT) -> FeatureStore:
+    def open(cls, path: str | Path, mode: str = "r", checked: bool = CHECKED_DEFAULT,
+             storage_options: StorageOptions | None = None, cache_dir: str | Path | None = None) -> FeatureStore:
         """Open an existing store; `mode="r"` (default) or `"r+"`, never one that creates or
         truncates it (anything else is a ValueError, raised before the store is touched).
 
+        `path`: a local folder, or a URL (``s3://bucket/cohort.zarr``, any fsspec scheme; a str
+        with ``://``, ``file://`` counting as local) read through zarr's FsspecStore.
+
         Args:
+            storage_options: fsspec options for a URL (credentials, ``endpoint_url``, ...);
+                by default s3fs/botocore read AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+                AWS_ENDPOINT_URL from the environment. The key ``cache_dir`` means `cache_dir`.
+            cache_dir: for a URL, a local folder that keeps every chunk read (a read-through
+                cache; metadata is always read from the server, and a store changed by a
+                convert since is cached afresh: :meth:`RemoteLocation.cache_folder`).
             checked: verify each chunk's crc32c before decoding it, so that a flipped bit on
                 disk is a StoreError instead of a wrong feature value. On by default: it costs
                 a small share of a patient read (README, Store performance, and
@@ -135,8 +163,13 @@ class FeatureStore:
         if mode not in MODES:
             raise ValueError(f"FeatureStore.open: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r} "
                              "(a store is written by dsca-store convert only)")
-        p = Path(path)
+        if is_url(path):
+            return cls._open_remote(str(path), mode, checked, storage_options, cache_dir)
+        p = local_path(path)
         if not (p / "zarr.json").is_file():
+            if _COLLAPSED_URL.match(str(p)):  # Path("s3://b/x") is Path("s3:/b/x")
+                raise StoreError(f"{p}: no zarr store here; if it is a URL, pass it as a str (a Path "
+                                 "turns 's3://' into 's3:/')")
             raise StoreError(f"{p}: no zarr store here (missing zarr.json)")
         try:
             with warnings.catch_warnings():  # consolidated metadata is used knowingly
@@ -147,6 +180,28 @@ class FeatureStore:
         store = cls(root, p, checked=checked)
         if store.not_finalized:  # training on it would silently leave out the slides still to come
             log.warning("%s: %s", p, store.not_finalized)
+        return store
+
+    @classmethod
+    def _open_remote(cls, url: str, mode: str, checked: bool, storage_options: StorageOptions | None,
+                     cache_dir: str | Path | None) -> FeatureStore:
+        location = RemoteLocation(url, storage_options, cache_dir)
+        url = location.url
+        try:
+            root_doc = location.read("zarr.json")
+        except Exception as exc:  # noqa: BLE001 - no bucket, no credentials, no server: many types
+            raise StoreError(f"{url}: cannot reach the store ({type(exc).__name__}: {_first_line(exc)})") from None
+        if root_doc is None:
+            raise StoreError(f"{url}: {location.absent_reason()}")
+        try:
+            with warnings.catch_warnings():  # consolidated metadata is used knowingly
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                root = location.open_group(mode, cache=location.cache_folder(root_doc))
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
+            raise StoreError(f"{url}: cannot open store ({type(exc).__name__}: {_first_line(exc)})") from None
+        store = cls(root, url, checked=checked, remote=location)
+        if store.not_finalized:
+            log.warning("%s: %s", url, store.not_finalized)
         return store
 
     # --- metadata ---------------------------------------------------------------------------
@@ -209,9 +264,15 @@ class FeatureStore:
             # on disk was lost, not elided
             all_chunks = self._slide_attrs[slide_id].get("all_chunks") is True
             layout = None
-            if isinstance(self._root.store, zarr.storage.LocalStore):
-                layout = direct_layout(arr, self.path / SLIDES / slide_id / name, full_name, all_chunks)
-            if layout is None and all_chunks:
+            if not self.direct:
+                pass
+            elif isinstance(self._root.store, zarr.storage.LocalStore):
+                layout = direct_layout(arr, Path(self.path) / SLIDES / slide_id / name, full_name, all_chunks)
+            elif self.remote is not None:
+                # the same decoder, fed with the shard object fetched whole: `path` is its key
+                layout = direct_layout(arr, PurePosixPath(SLIDES, slide_id, name), full_name, all_chunks)
+            # a remote store's ChunkStore notes absent chunks while reading: no listing needed
+            if layout is None and all_chunks and not isinstance(self._root.store, ChunkStore):
                 # zarr itself reads an absent shard or chunk file as fill value; count them
                 # (one listing of the array's folder, once per array and open)
                 stored, total = arr.nchunks_initialized, arr.nchunks
@@ -253,24 +314,97 @@ class FeatureStore:
         if rows is not None and len(rows) and not 0 <= int(rows[0]) <= int(rows[-1]) < arr.shape[0]:
             raise StoreError(f"{full_name}: rows {int(rows[0])}..{int(rows[-1])} requested, "
                              f"the array has {arr.shape[0]}")
+        self._forget_missing([(slide_id, name)])
         try:
             if layout is None:
                 data = arr[...] if rows is None else arr.get_orthogonal_selection((rows,))
                 np.copyto(out, data, casting="unsafe")
+            elif self.remote is not None:
+                self._read_direct_remote([(layout, out, rows)])
             elif rows is None:
                 read_rows_direct(layout, out, checked=self.checked)
             else:
                 chunks = np.unique(rows // layout.chunk_rows).tolist()
                 read_rows_direct(layout, out, chunks, rows, checked=self.checked)
-        except StoreError:
-            raise
-        except OSError as exc:
-            raise StoreError(f"{full_name}: cannot read ({exc})") from None
-        except MemoryError:
-            raise StoreError(f"{full_name}: out of memory while decoding it") from None
-        except Exception as exc:  # noqa: BLE001 - zarr's pipeline raises many types (checksum: ValueError)
-            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise StoreError(f"{full_name}: cannot decode ({type(exc).__name__}: {first_line})") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to one StoreError naming the array
+            raise _read_error(full_name, exc) from None
+        self._check_missing(slide_id, name)
+
+    def _read_direct_remote(self, reads: Sequence[tuple[ShardLayout, np.ndarray, np.ndarray | None]]) -> None:
+        """Shards of a remote store (`layout.path`: the object's key) into their outputs (rows:
+        None = all): the objects not in the cache fetched whole, all at once, and decoded by the
+        direct path; cached ones decoded straight from their cache files, as local shards are."""
+        assert self.remote is not None
+        keys = [str(layout.path) for layout, _, _ in reads]
+        cached = {key: self._cache / key for key in keys if self._cache is not None and (self._cache / key).is_file()}
+        try:
+            blobs = self.remote.fetch([key for key in keys if key not in cached], self._cache)
+        except Exception as exc:  # noqa: BLE001 - object stores raise many types
+            names = ", ".join(layout.full_name.removeprefix(f"{self.path}: ") for layout, _, _ in reads)
+            raise StoreError(f"{self.path}: cannot fetch {names} ({type(exc).__name__}: {_first_line(exc)})") from None
+        for (layout, out, rows), key in zip(reads, keys):
+            if key in cached:
+                layout, source = replace(layout, path=cached[key]), {}
+            else:
+                source = {"data": blobs[key]}
+            chunks = None if rows is None else np.unique(rows // layout.chunk_rows).tolist()
+            try:
+                read_rows_direct(layout, out, chunks, rows, checked=self.checked, **source)
+            except Exception as exc:  # noqa: BLE001 - mapped to one StoreError naming the array
+                raise _read_error(layout.full_name, exc) from None
+
+    def _forget_missing(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Before a remote read: drop absent chunks noted for these arrays by earlier reads."""
+        store = self._root.store
+        if isinstance(store, ChunkStore) and store.missing:
+            prefixes = tuple(f"{SLIDES}/{sid}/{name}/" for sid, name in keys)
+            # a snapshot: zarr's event-loop thread may add keys meanwhile
+            store.missing.difference_update([k for k in tuple(store.missing) if k.startswith(prefixes)])
+
+    def _check_missing(self, slide_id: str, name: str) -> None:
+        """After a remote read: StoreError if a chunk of the array was absent and the slide was
+        written with every chunk stored (zarr has read it as fill value)."""
+        store = self._root.store
+        if not isinstance(store, ChunkStore) or self._slide_attrs[slide_id].get("all_chunks") is not True:
+            return
+        prefix = f"{SLIDES}/{slide_id}/{name}/"
+        absent = sorted(k for k in tuple(store.missing) if k.startswith(prefix))
+        if absent:
+            raise StoreError(f"{self._full_name(slide_id, name)}: {len(absent)} chunk object(s) missing "
+                             f"({absent[0]}): deleted or never written")
+
+    def _read_remote(self, jobs: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Whole arrays of a remote store into their outputs, all requests in flight at once.
+
+        One gather over zarr's async API: a patient's slides and arrays are fetched
+        concurrently, so that a read costs about one round trip, not one per array.
+        """
+        arrays, direct = [], []
+        for sid, name, out in jobs:
+            arr, layout = self._array(sid, name)
+            if tuple(out.shape) != tuple(arr.shape):
+                raise StoreError(f"{self._full_name(sid, name)}: stored shape {tuple(arr.shape)} does not fit "
+                                 f"the slide (reading {tuple(out.shape)})")
+            if layout is None:
+                arrays.append(arr)
+            else:
+                direct.append((layout, out))
+        if direct:
+            # convert's layout: each array one shard object, fetched whole (all of them at once)
+            # and decoded by the direct path, as a local store's files are
+            self._read_direct_remote([(layout, out, None) for layout, out in direct])
+        jobs = [(sid, name, out) for sid, name, out in jobs if self._arrays[(sid, name)][1] is None]
+        self._forget_missing([(sid, name) for sid, name, _ in jobs])
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(*(arr._async_array.getitem(...) for arr in arrays), return_exceptions=True)
+
+        results = zarr_sync(read_all())
+        for (sid, name, out), data in zip(jobs, results):
+            if isinstance(data, BaseException):
+                raise _read_error(self._full_name(sid, name), data)
+            self._check_missing(sid, name)
+            np.copyto(out, np.asarray(data), casting="unsafe")
 
     def read_array(self, slide_id: str, name: str, dtype: Any = None) -> np.ndarray:
         """One stored array (x5, x20, coords, grid, grid_index) of a slide, whole."""
@@ -279,11 +413,28 @@ class FeatureStore:
         self._read_into(slide_id, name, out)
         return out
 
+    def read_arrays(self, slide_id: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Several stored arrays of a slide, whole (a remote store's fetched concurrently)."""
+        if self.remote is None:
+            return {name: self.read_array(slide_id, name) for name in names}
+        out = {}
+        for name in names:
+            arr, _ = self._array(slide_id, name)
+            out[name] = np.empty(arr.shape, dtype=arr.dtype)
+        self._read_remote([(slide_id, name, out[name]) for name in names])
+        return out
+
     def read_slide(self, slide_id: str, dtype: Any = np.float32) -> SlideData:
         """All rows of one slide in source order; features cast to `dtype`."""
         n, d = self._checked_n_patches(slide_id), self.feature_dim
         x5 = np.empty((n, d), dtype=dtype)
         x20 = np.empty((n, BLOCK, d), dtype=dtype)
+        if self.remote is not None:
+            coords = np.empty((n, 2), dtype=self._array(slide_id, "coords")[0].dtype)
+            grid = np.empty((n, 2), dtype=self._array(slide_id, "grid")[0].dtype)
+            self._read_remote([(slide_id, "x5", x5), (slide_id, "x20", x20), (slide_id, "coords", coords),
+                               (slide_id, "grid", grid)])
+            return SlideData(slide_id, x5, x20, coords, grid, np.arange(n, dtype=np.int64))
         self._read_into(slide_id, "x5", x5)
         self._read_into(slide_id, "x20", x20)
         return SlideData(slide_id, x5, x20, self.read_array(slide_id, "coords"),
@@ -299,6 +450,15 @@ class FeatureStore:
         x20 = np.empty((total, BLOCK, d), dtype=dtype)
         coords = []
         start = 0
+        if self.remote is not None:
+            jobs = []
+            for sid, n in zip(slide_ids, lengths):
+                coords.append(np.empty((n, 2), dtype=self._array(sid, "coords")[0].dtype))
+                jobs += [(sid, "x5", x5[start : start + n]), (sid, "x20", x20[start : start + n]),
+                         (sid, "coords", coords[-1])]
+                start += n
+            self._read_remote(jobs)
+            return PatientData(x5, x20, patient_grid(coords), list(slide_ids), lengths)
         for sid, n in zip(slide_ids, lengths):
             self._read_into(sid, "x5", x5[start : start + n])
             self._read_into(sid, "x20", x20[start : start + n])
@@ -331,3 +491,19 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, slides={len(self.slide_ids)}, dtype={self.attrs.get('dtype')})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+def _read_error(full_name: str, exc: BaseException) -> StoreError:
+    """The StoreError for a failed read of one array (a StoreError passes unchanged)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return StoreError(f"{full_name}: out of memory while decoding it")
+    if isinstance(exc, OSError):
+        return StoreError(f"{full_name}: cannot read ({exc})")
+    # zarr's pipeline raises many types (checksum: ValueError)
+    return StoreError(f"{full_name}: cannot decode ({type(exc).__name__}: {_first_line(exc)})")

@@ -146,7 +146,29 @@ def _crc_ok(data: Any, stored: bytes) -> bool:
     return google_crc32c.value(data) == int.from_bytes(stored, "little")
 
 
-def _read_index(fd: int, layout: ShardLayout) -> np.ndarray:
+class _Source:
+    """The bytes of one shard: an open file (`fd`) or an object fetched whole (`data`)."""
+
+    def __init__(self, fd: int | None = None, data: Any = None) -> None:
+        self.fd = fd
+        self.data = memoryview(data) if data is not None else None
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size if self.data is None else len(self.data)
+
+    def read(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset) if self.data is None else bytes(self.data[offset:offset + n])
+
+    def read_into(self, buf: bytearray, offset: int) -> int:
+        if self.data is None:
+            return os.preadv(self.fd, [buf], offset)
+        part = self.data[offset:offset + len(buf)]
+        buf[:len(part)] = part
+        return len(part)
+
+
+def _read_index(src: _Source, layout: ShardLayout) -> np.ndarray:
     """The shard's [n_chunks, 2] (offset, nbytes), after checking it can be trusted.
 
     Checks its crc32c (so any flipped or truncated byte is caught) and then what a checksum
@@ -155,11 +177,11 @@ def _read_index(fd: int, layout: ShardLayout) -> np.ndarray:
     may the offsets drive reads and allocations (a corrupt nbytes once asked for exabytes).
     """
     index_bytes = 16 * layout.n_chunks + _CRC_BYTES
-    size = os.fstat(fd).st_size
+    size = src.size
     if size < index_bytes:
         raise layout.error(f"shard index corrupt (the file has {size} bytes, its index alone "
                            f"needs {index_bytes}: truncated?)")
-    raw = os.pread(fd, index_bytes, size - index_bytes)
+    raw = src.read(index_bytes, size - index_bytes)
     if len(raw) != index_bytes:
         raise layout.error(f"shard index corrupt (read {len(raw)} of {index_bytes} bytes)")
     if not _crc_ok(np.frombuffer(raw, dtype=np.uint8, count=index_bytes - _CRC_BYTES), raw[-_CRC_BYTES:]):
@@ -186,8 +208,11 @@ def _read_index(fd: int, layout: ShardLayout) -> np.ndarray:
     return index
 
 
+_FROM_FILE = object()  # read_rows_direct's default source: the shard file at layout.path
+
+
 def read_rows_direct(layout: ShardLayout, out: np.ndarray, chunks: Sequence[int] | None = None,
-                     rows: np.ndarray | None = None, checked: bool = True) -> None:
+                     rows: np.ndarray | None = None, checked: bool = True, data: Any = _FROM_FILE) -> None:
     """Decode chunks of `layout` into `out`; any damage found is a StoreError naming the array.
 
     Args:
@@ -195,14 +220,19 @@ def read_rows_direct(layout: ShardLayout, out: np.ndarray, chunks: Sequence[int]
         chunks: which inner chunks to read (default: all).
         rows: sorted row numbers wanted (default: all rows).
         checked: verify each chunk's crc32c before decoding it.
+        data: the shard's bytes, fetched whole (an object store's; None: the object is absent)
+            instead of the file at ``layout.path``.
     """
     n = layout.shape[0]
     chunk_bytes = layout.chunk_bytes
     try:
-        fd = os.open(layout.path, os.O_RDONLY)
+        if data is None:
+            raise FileNotFoundError(layout.path)
+        fd = os.open(layout.path, os.O_RDONLY) if data is _FROM_FILE else None
     except FileNotFoundError:
         if layout.all_chunks:
-            raise layout.error("shard file missing: deleted or never written") from None
+            what = "shard file" if data is _FROM_FILE else f"shard object ({layout.path})"
+            raise layout.error(f"{what} missing: deleted or never written") from None
         # zarr's semantics for a slide from before "all_chunks": a shard never written holds
         # only the fill value (an all-zero array was not stored)
         if layout.path not in _WARNED_ABSENT:
@@ -210,8 +240,9 @@ def read_rows_direct(layout: ShardLayout, out: np.ndarray, chunks: Sequence[int]
             log.warning("%s: no shard file, read as fill value %r", layout.full_name, layout.fill_value)
         out[...] = layout.fill_value
         return
+    src = _Source(fd=fd) if fd is not None else _Source(data=data)
     try:
-        index = _read_index(fd, layout)
+        index = _read_index(src, layout)
         wanted = list(range(layout.n_chunks) if chunks is None else chunks)
         bad = [k for k in wanted if not 0 <= k < layout.n_chunks]
         if bad:
@@ -228,7 +259,7 @@ def read_rows_direct(layout: ShardLayout, out: np.ndarray, chunks: Sequence[int]
             else:
                 # writable buffers all the way: torch refuses to wrap read-only memory
                 raw = bytearray(nbytes)
-                got = os.preadv(fd, [raw], offset)
+                got = src.read_into(raw, offset)
                 if got != nbytes:
                     raise layout.error(f"truncated shard (chunk {k}: read {got} of {nbytes} bytes)")
                 if checked and not _crc_ok(np.frombuffer(raw, dtype=np.uint8, count=nbytes - _CRC_BYTES),
@@ -267,4 +298,5 @@ def read_rows_direct(layout: ShardLayout, out: np.ndarray, chunks: Sequence[int]
         for future in futures:
             future.result()  # the first failure, in chunk order
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)

@@ -5,6 +5,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,14 @@ from dsca.store.attr_checks import slide_attrs_problem
 from dsca.store.errors import StoreError
 from dsca.store.provenance import source_changes
 from dsca.store.reader import FeatureStore
+from dsca.store.remote import RemoteLocation, StorageOptions
 
 __all__ = ["StoreInfo", "store_info", "verify_store", "VerifyReport"]
 
 log = logging.getLogger(__name__)
+
+# slides of a remote store that verify checks at once (latency-bound: threads mostly wait)
+_REMOTE_SLIDES_AT_ONCE = 8
 
 
 def _disk_bytes(folder: Path) -> int:
@@ -37,7 +42,7 @@ class StoreInfo:
     stored dtype; `source_bytes` the CLAM files they came from.
     """
 
-    path: Path
+    path: Path | str  # a local folder, or the store's URL
     slides: int
     incomplete: int
     patients: int
@@ -71,17 +76,41 @@ class StoreInfo:
             yield f"state        {self.not_finalized}"
 
 
-def store_info(path: str | Path) -> StoreInfo:
-    """What `dsca-store info` prints: counts, dims, bytes on disk and against the sources.
+def _remote_sizes(remote: RemoteLocation) -> tuple[dict[str, int], set[str]]:
+    """Sizes of a remote store's objects (key -> bytes) and the slide folders among them."""
+    try:
+        sizes = remote.sizes()
+    except Exception as exc:  # noqa: BLE001 - object stores raise many types
+        raise StoreError(f"{remote.url}: cannot list the store ({type(exc).__name__}: {exc})") from None
+    folders = {key.split("/")[1] for key in sizes if key.startswith(f"{SLIDES}/") and key.count("/") >= 2}
+    return sizes, folders
+
+
+def store_info(path: str | Path, storage_options: StorageOptions | None = None) -> StoreInfo:
+    """What `dsca-store info` prints: counts, dims, bytes on disk (in the bucket, for a URL)
+    and against the sources.
 
     Anything unreadable (root or slide attributes, a folder) is a StoreError naming it.
     """
-    fs = FeatureStore.open(path)  # checks the root attrs
-    p = Path(path)
+    fs = FeatureStore.open(path, storage_options=storage_options)  # checks the root attrs
+    if fs.remote is not None:
+        return _info(fs, *_remote_sizes(fs.remote))
+    p = Path(fs.path)
     try:
         folders = [c for c in (p / SLIDES).iterdir() if c.is_dir()] if (p / SLIDES).is_dir() else []
     except OSError as exc:
         raise StoreError(f"{p}: cannot list {SLIDES}/ ({exc.strerror or exc})") from None
+    return _info(fs, None, {c.name for c in folders})
+
+
+def _info(fs: FeatureStore, sizes: dict[str, int] | None, folders: set[str]) -> StoreInfo:
+    """StoreInfo of an open store; `sizes`: a remote store's object sizes (None: read the disk)."""
+    p = fs.path
+
+    def size(prefix: str) -> int:
+        if sizes is None:
+            return _disk_bytes(Path(p) / prefix) if prefix else _disk_bytes(Path(p))
+        return sum(n for key, n in sizes.items() if key.startswith(prefix))
     patches = feature_bytes = source_bytes = 0
     codecs: Counter[str] = Counter()
     for sid in fs.slide_ids:
@@ -93,17 +122,17 @@ def store_info(path: str | Path) -> StoreInfo:
         # each slide records the codec it was written with; stores of older converts only the root
         codecs[str(attrs.get("codec", fs.attrs.get("codec", "?")))] += 1
         try:
-            feature_bytes += _disk_bytes(p / SLIDES / sid / "x5" / "c") + _disk_bytes(p / SLIDES / sid / "x20" / "c")
+            feature_bytes += size(f"{SLIDES}/{sid}/x5/c/") + size(f"{SLIDES}/{sid}/x20/c/")
         except OSError as exc:
             raise StoreError(f"{p}: slide {sid}: cannot size its arrays ({exc.strerror or exc})") from None
         source_bytes += sum(int(s["bytes"]) for s in attrs.get("sources", {}).values())
     dim = fs.attrs.get("feature_dim")
     raw = patches * (BLOCK + 1) * int(dim or 0) * np.dtype(fs.attrs["dtype"]).itemsize
     try:
-        disk = _disk_bytes(p)
+        disk = size("")
     except OSError as exc:
         raise StoreError(f"{p}: cannot size the store ({exc.strerror or exc})") from None
-    return StoreInfo(p, len(fs.slide_ids), len(folders) - len(fs.slide_ids), len(fs.patient_slides()), patches,
+    return StoreInfo(p, len(fs.slide_ids), len(folders - set(fs.slide_ids)), len(fs.patient_slides()), patches,
                      dim, str(fs.attrs["dtype"]), _codec_summary(codecs), disk,
                      feature_bytes, raw, source_bytes, fs.not_finalized)
 
@@ -126,7 +155,8 @@ class VerifyReport:
         return not self.problems
 
 
-def _slide_data_problem(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim: int, dtype: np.dtype) -> str | None:
+def _slide_data_problem(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dict, dim: int, dtype: np.dtype,
+                        direct: FeatureStore | None = None) -> str | None:
     """Read every chunk of a slide through zarr (which checks each crc32c) and its invariants.
 
     zarr reads a chunk that is missing from a shard, or a shard file that is missing, as fill
@@ -135,6 +165,16 @@ def _slide_data_problem(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dic
     """
     if not attrs:
         return "listed in the consolidated metadata but not complete on disk (rerun convert)"
+    if fs.remote is not None:
+        # every chunk through zarr (`fs` has direct=False: crc32c checked, absent chunk objects
+        # noted), then through the store's own reader (which also checks the shard index):
+        # all arrays of the slide in flight at once, each read being a round trip to the server
+        try:
+            arrays = fs.read_arrays(sid, ARRAYS)
+            (direct or fs).read_arrays(sid, ARRAYS)
+        except StoreError as exc:
+            return str(exc)
+        return _invariants_problem(arrays, attrs, dim, dtype)
     try:
         group = root[f"{SLIDES}/{sid}"]
         arrays = {name: group[name][...] for name in ARRAYS}
@@ -147,6 +187,11 @@ def _slide_data_problem(root: zarr.Group, fs: FeatureStore, sid: str, attrs: dic
             fs.read_array(sid, name)
         except StoreError as exc:
             return str(exc)
+    return _invariants_problem(arrays, attrs, dim, dtype)
+
+
+def _invariants_problem(arrays: dict[str, np.ndarray], attrs: dict, dim: int, dtype: np.dtype) -> str | None:
+    """Shapes, dtypes, finiteness and the patch grid of a slide's arrays, read whole."""
     x5, x20, coords, grid, index = (arrays[k] for k in ("x5", "x20", "coords", "grid", "grid_index"))
     n = int(attrs.get("n_patches", -1))
     shapes = {"x5": (n, dim), "x20": (n, BLOCK, dim), "coords": (n, 2), "grid": (n, 2)}
@@ -199,21 +244,39 @@ def _dict_diffs(prefix: str, mine: Any, theirs: Any, skip: tuple[str, ...] = (),
     return out
 
 
-def _consolidated(p: Path) -> dict[str, Any] | None:
+def _read_docs(where: Path | RemoteLocation, keys: list[str]) -> dict[str, Any]:
+    """key -> parsed metadata document (_ABSENT, or "(unreadable: ...)"), of a folder or a
+    remote store (fetched concurrently)."""
+    if not isinstance(where, RemoteLocation):
+        return {key: _read_json(where / key) for key in keys}
+    try:
+        raw = where.read_many(keys)
+    except Exception as exc:  # noqa: BLE001 - object stores raise many types
+        return {key: f"(unreadable: {type(exc).__name__})" for key in keys}
+    out: dict[str, Any] = {}
+    for key, body in raw.items():
+        try:
+            out[key] = _ABSENT if body is None else json.loads(body)
+        except ValueError as exc:
+            out[key] = f"(unreadable: {type(exc).__name__})"
+    return out
+
+
+def _consolidated(where: Path | RemoteLocation) -> dict[str, Any] | None:
     """node path -> metadata document, as the root zarr.json consolidates it (None: no block)."""
-    doc = _read_json(p / "zarr.json")
+    doc = _read_docs(where, ["zarr.json"])["zarr.json"]
     block = doc.get("consolidated_metadata") if isinstance(doc, dict) else None
     meta = block.get("metadata") if isinstance(block, dict) else None
     return meta if isinstance(meta, dict) else None
 
 
-def _consolidated_diffs(p: Path, consolidated: dict[str, Any], sid: str) -> list[str]:
+def _consolidated_diffs(where: Path | RemoteLocation, consolidated: dict[str, Any], sid: str) -> list[str]:
     """How the consolidated copy of a slide's metadata (what FeatureStore reads) differs from
     the slide's own zarr.json files (what convert wrote): one phrase per difference, e.g.
     "n_patches 14 vs 13" (consolidated vs own) or "x5 shape [14, 32] vs [13, 32]"."""
     key = f"{SLIDES}/{sid}"
-    folder = p / SLIDES / sid
-    group, own = consolidated.get(key, _ABSENT), _read_json(folder / "zarr.json")
+    docs = _read_docs(where, [f"{key}/zarr.json", *(f"{key}/{name}/zarr.json" for name in ARRAYS)])
+    group, own = consolidated.get(key, _ABSENT), docs[f"{key}/zarr.json"]
     diffs = []
     if isinstance(group, dict) and isinstance(own, dict):
         diffs += _dict_diffs("", group.get("attributes", {}), own.get("attributes", {}), label="attributes")
@@ -221,9 +284,11 @@ def _consolidated_diffs(p: Path, consolidated: dict[str, Any], sid: str) -> list
     else:
         diffs.append(f"group {_shown(group)} vs {_shown(own)}")
     nodes = {k[len(key) + 1:] for k in consolidated if k.startswith(key + "/")}
-    nodes |= {name for name in ARRAYS if (folder / name / "zarr.json").exists()}
+    nodes |= {name for name in ARRAYS if docs[f"{key}/{name}/zarr.json"] is not _ABSENT}
     for name in sorted(nodes):
-        mine, theirs = consolidated.get(f"{key}/{name}", _ABSENT), _read_json(folder / name / "zarr.json")
+        doc_key = f"{key}/{name}/zarr.json"
+        mine = consolidated.get(f"{key}/{name}", _ABSENT)
+        theirs = docs[doc_key] if doc_key in docs else _read_docs(where, [doc_key])[doc_key]
         if mine is _ABSENT or theirs is _ABSENT:
             only_in = "the consolidated metadata only" if theirs is _ABSENT else "the slide's own metadata only"
             diffs.append(f"{name} is in {only_in}")
@@ -236,30 +301,44 @@ def _consolidated_diffs(p: Path, consolidated: dict[str, Any], sid: str) -> list
     return diffs
 
 
-def verify_store(path: str | Path, progress: bool = True, sources: bool = False) -> VerifyReport:
+def verify_store(path: str | Path, progress: bool = True, sources: bool = False,
+                 storage_options: StorageOptions | None = None) -> VerifyReport:
     """Check completeness, checksums (every chunk read), shapes and grid invariants.
 
     Reads what is on disk, not the consolidated copy of the metadata, and compares the two:
     every difference between a slide's consolidated metadata (what readers use) and its own
     zarr.json files is a problem. Never raises: whatever cannot be read is a problem line.
     With `sources`, also checks that each slide's source files are still the ones it was
-    converted from (size and mtime; content where those differ).
+    converted from (size and mtime; content where those differ). `path` may be a URL (every
+    object is then read from the server, through zarr).
     """
-    p = Path(path)
     report = VerifyReport()
     try:
-        fs = FeatureStore.open(p)
+        fs = FeatureStore.open(path, storage_options=storage_options)
     except StoreError as exc:
         report.problems.append(("<store>", str(exc)))
         return report
-    if not (p / SLIDES).is_dir():
+    p, remote = fs.path, fs.remote
+    where: Path | RemoteLocation = remote if remote is not None else Path(p)
+    try:
+        if remote is not None:
+            folders = [c for c in remote.children(SLIDES) if c != "zarr.json"]
+            has_slides = bool(folders) or remote.read(f"{SLIDES}/zarr.json") is not None
+            on_disk = remote.complete_slides()
+        else:
+            has_slides = (Path(p) / SLIDES).is_dir()
+            folders = [c.name for c in (Path(p) / SLIDES).iterdir() if c.is_dir()] if has_slides else []
+            on_disk = complete_slides(Path(p))
+    except Exception as exc:  # noqa: BLE001 - OSError locally, many types from object stores
+        report.problems.append(("<store>", f"{p}: cannot list {SLIDES}/ ({type(exc).__name__}: {exc})"))
+        return report
+    if not has_slides:
         report.problems.append(("<store>", f"{p} has no {SLIDES}/ group (not written by dsca-store convert?)"))
         return report
     if fs.not_finalized:  # sound so far, but slides of unfinished shards may be missing
         report.problems.append(("<store>", fs.not_finalized))
-    on_disk = complete_slides(p)
     listed = set(fs.slide_ids)
-    for sid in sorted(c.name for c in (p / SLIDES).iterdir() if c.is_dir()):
+    for sid in sorted(folders):
         if slide_id_problem(sid) is not None:
             report.problems.append((sid, f"not a slide of this store ({slide_id_problem(sid)}); remove it by hand"))
         elif sid not in on_disk:
@@ -272,35 +351,54 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False)
         return report
     try:
         # the arrays are read through the slides' own metadata; the consolidated copy is compared
-        root = zarr.open_group(p, mode="r", use_consolidated=False)
-        own = FeatureStore(root, p, checked=True)
+        if remote is not None:
+            root = remote.open_group("r", use_consolidated=False)
+        else:
+            root = zarr.open_group(p, mode="r", use_consolidated=False)
+        own = FeatureStore(root, p, checked=True, remote=remote, direct=remote is None)
+        # a remote store's second look: the direct reader, over the same slide list
+        twin = FeatureStore(root, p, checked=True, remote=remote) if remote is not None else None
     except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
         report.problems.append(("<store>", f"{p}: cannot open store ({type(exc).__name__}: {exc})"))
         return report
-    consolidated = _consolidated(p)
+    consolidated = _consolidated(where)
+
+    def check(sid: str) -> list[str]:
+        return _slide_problems(where, root, own, consolidated, sid, on_disk.get(sid, {}), int(dim), dtype, sources,
+                               twin)
+
     with Progress(len(fs.slide_ids), "verify", "slide", enabled=progress) as bar:
-        for sid in fs.slide_ids:
-            report.slides += 1
-            report.problems += [(sid, reason) for reason in _slide_problems(p, root, own, consolidated, sid,
-                                                                            on_disk.get(sid, {}), int(dim), dtype,
-                                                                            sources)]
-            bar.update()
+        if remote is None:
+            for sid in fs.slide_ids:
+                report.slides += 1
+                report.problems += [(sid, reason) for reason in check(sid)]
+                bar.update()
+            return report
+        # a remote store: each slide costs a few round trips (metadata, then its arrays), so
+        # several slides are checked at once; problems are still reported in slide order
+        with ThreadPoolExecutor(max_workers=_REMOTE_SLIDES_AT_ONCE, thread_name_prefix="dsca-verify") as pool:
+            futures = [pool.submit(check, sid) for sid in fs.slide_ids]
+            for sid, future in zip(fs.slide_ids, futures):
+                report.slides += 1
+                report.problems += [(sid, reason) for reason in future.result()]
+                bar.update()
     return report
 
 
-def _slide_problems(p: Path, root: zarr.Group, own: FeatureStore, consolidated: dict[str, Any] | None, sid: str,
-                    attrs: dict, dim: int, dtype: np.dtype, sources: bool) -> list[str]:
+def _slide_problems(where: Path | RemoteLocation, root: zarr.Group, own: FeatureStore, consolidated: dict[str, Any] | None, sid: str,
+                    attrs: dict, dim: int, dtype: np.dtype, sources: bool,
+                    direct: FeatureStore | None = None) -> list[str]:
     if not attrs:
         return ["listed in the consolidated metadata but not complete on disk (rerun convert)"]
     problems = []
     if consolidated is not None:
         problems += [f"consolidated metadata differs from the slide's own: {diff}; rerun convert to rebuild it"
-                     for diff in _consolidated_diffs(p, consolidated, sid)]
+                     for diff in _consolidated_diffs(where, consolidated, sid)]
     bad_attrs = slide_attrs_problem(attrs)
     if bad_attrs:
         return [*problems, f"{bad_attrs} (in slides/{sid}/zarr.json; convert it again with --overwrite)"]
     try:
-        reason = _slide_data_problem(root, own, sid, attrs, dim, dtype)
+        reason = _slide_data_problem(root, own, sid, attrs, dim, dtype, direct)
         if reason is None and sources:
             recorded = attrs.get("sources", {})
             changes = source_changes(recorded, {role: rec.get("path") for role, rec in recorded.items()})

@@ -5,7 +5,9 @@ imports dsca.kernels; the kernels then run on CPU tensors through the interprete
 """
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -47,3 +49,27 @@ def synth_store(synth_cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert report.ok, list(report.lines())
     return out
+
+
+def _assert_json_close(a: Any, b: Any, tol: float, where: str = "") -> None:
+    """Equal structure and values of two parsed JSON documents, floats within ``tol`` (NaN
+    equals NaN; an int may stand for an equal float)."""
+    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_json_close(a[k], b[k], tol, f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_json_close(u, v, tol, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol, (where, a, b)
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="session")
+def assert_json_close():
+    """``assert_json_close(a, b, tol)``: two runs' metrics.json (or any JSON) agree."""
+    return _assert_json_close

@@ -16,7 +16,11 @@ __all__ = ["starter_config"]
 
 _SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("inputs and outputs", (
-        ("store", "feature store written by `dsca-store convert` (required)"),
+        ("store", "feature store written by `dsca-store convert`: a folder or a URL such as "
+                  "s3://bucket/cohort.zarr (required)"),
+        ("storage_options", "fsspec options of a store at a URL, e.g. {endpoint_url: ..., cache_dir: "
+                            "local folder of a read-through chunk cache}; null = credentials and endpoint "
+                            "from the AWS_* environment variables"),
         ("labels", "labels CSV: one row per slide with slide id, patient id, time, event (required)"),
         ("labels_map", "which CSV columns hold slide, patient, time and event/censorship, e.g. "
                        "'slide=slide_id,patient=case_id,time=os_days,event=os_event'; null = "

@@ -73,11 +73,15 @@ class TrainConfig:
     0 = torch's default), ``cache_features`` (keep every patient's features in RAM after
     the first read: for cohorts that fit in memory) and ``labels_map`` (the label CSV's
     columns, a ``dsca.labels.LabelColumns``; default ``pathology_id, patient_id, t, e``) and
-    ``time_unit`` (the unit of the label times, for plots and reports).
+    ``time_unit`` (the unit of the label times, for plots and reports). ``store`` may be a URL
+    (``s3://bucket/cohort.zarr``) with ``storage_options``, fsspec's options for it (a mapping;
+    its ``cache_dir`` key turns on a local read-through cache of the chunks read).
     """
 
     model: ModelConfig
-    store: Path
+    # a local folder (resolved against the config's folder), or a URL kept as the str it is
+    # ("s3://bucket/cohort.zarr": a Path would collapse it to "s3:/bucket/cohort.zarr")
+    store: Path | str
     labels: Path
     splits: str | list[str]
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -115,6 +119,9 @@ class TrainConfig:
     cache_features: bool = False
     labels_map: LabelColumns = field(default_factory=LabelColumns)
     time_unit: str = "days"
+    # fsspec options of a store at a URL (credentials, endpoint_url, cache_dir: a local
+    # read-through chunk cache); None: s3fs/botocore read the AWS_* environment variables
+    storage_options: dict[str, Any] | None = None
     source: str = "<dict>"
 
     @property
@@ -134,6 +141,8 @@ class TrainConfig:
                 v = {k: list(x) if isinstance(x, tuple) else x for k, x in asdict(v).items()}
             elif isinstance(v, Path):
                 v = str(v)
+            elif f.name == "storage_options" and v is not None:
+                v = _redacted(v)  # the run folder's config.yaml must not hold credentials
             elif isinstance(v, LabelColumns):
                 v = str(v)  # the full key=column text, which labels_map reads back
             elif isinstance(v, tuple):
@@ -257,9 +266,23 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ConfigError(f"{source}: opt_betas must be two numbers [beta1, beta2], got {betas!r}")
         betas = [_number(b, "opt_betas", source, float) for b in betas]
+    from dsca.store.remote import CACHE_KEY, is_url, storage_options_problem
+
+    store = required("store")
+    if not isinstance(store, (str, Path)):
+        raise ConfigError(f"{source}: store must be a folder or a URL (s3://bucket/cohort.zarr), got {store!r}")
+    storage_options = raw.get("storage_options")
+    problem = storage_options_problem(storage_options)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    if storage_options is not None:
+        storage_options = dict(storage_options)
+        if storage_options.get(CACHE_KEY):  # a cache folder is a local path like the others
+            storage_options[CACHE_KEY] = resolve(storage_options[CACHE_KEY])
     cfg = TrainConfig(
         model=model_cfg,
-        store=Path(resolve(required("store"))),
+        store=str(store) if is_url(str(store)) else Path(resolve(store)),
+        storage_options=storage_options,
         labels=Path(resolve(required("labels"))),
         splits=splits,
         folds=folds,
@@ -282,8 +305,17 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
 
 _PARSED_BEFORE = {
     "model", "store", "labels", "splits", "folds", "bins", "loss", "opt_betas",
-    "device", "save_path", "labels_map", "source",
+    "device", "save_path", "labels_map", "source", "storage_options",
 }
+# storage_options keys whose values are credentials (s3fs: key, secret, token)
+_SECRET = ("key", "secret", "token", "password", "credential")
+
+
+def _redacted(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the values of credential-like keys replaced, recursively."""
+    return {k: _redacted(v) if isinstance(v, dict) else
+            ("<redacted>" if any(word in str(k).lower() for word in _SECRET) and v is not None else v)
+            for k, v in options.items()}
 _FLOATS = {"alpha", "reg_l1", "lr", "weight_decay", "lr_factor", "opt_eps", "opt_momentum"}
 _INTS = {
     "seed", "epochs", "batch_size", "bp_every_iters", "num_workers", "es_patience", "es_warmup",

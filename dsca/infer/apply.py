@@ -48,6 +48,7 @@ def apply_models(
     attention: bool = False,
     num_workers: int = 2,
     desc: str = "predict",
+    progress: bool = True,
 ) -> Iterator[PatientResult]:
     """Yield each patient's outputs of every model, in the order of ``patient_slides``.
 
@@ -57,6 +58,8 @@ def apply_models(
         patient_slides: patient id -> slide ids (concatenated in this order, as in training).
         attention: also return the attention maps (CAPool and pooling).
         num_workers: loader processes reading the next patients meanwhile.
+        progress: show a progress bar where the terminal takes one (off on torchrun ranks
+            other than 0, which would repeat rank 0's).
     """
     from dsca.store import PatientDataset
 
@@ -65,7 +68,8 @@ def apply_models(
     dataset = PatientDataset(store, patient_slides)
     position_emb = bool(models[0].config.tra_position_emb)
     loader = single_patient_loader(dataset, num_workers)
-    for sample in tqdm(loader, desc=desc, total=len(dataset), unit="patient", disable=None):
+    for sample in tqdm(loader, desc=desc, total=len(dataset), unit="patient",
+                       disable=None if progress else True):
         # the contexts are entered per patient: the caller's code between two patients runs
         # with its own grad mode and thread count
         threads = cpu_threads(models[0].num_threads) if device.type == "cpu" else contextlib.nullcontext()

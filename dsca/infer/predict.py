@@ -14,15 +14,20 @@ averaged.
     OUT/metrics.json      with labels: cindex (+ 95% CI), cindex_discrete, td_auc, ibs,
                           logrank_p, hazard_ratio (+ CI), n, n_events, per-model C-index
     OUT/km.png            with labels: Kaplan-Meier of the two risk groups
+
+Under torchrun (``torchrun --nproc-per-node=K --no-python -- dsca predict ...``) rank r
+scores the patients at positions r, r+K, ... and rank 0 writes the outputs from every rank's
+rows: the same files as one process. A rank that fails stops every rank; nothing is written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -32,12 +37,14 @@ from dsca.atomic import atomic_write
 from dsca.infer.apply import apply_models
 from dsca.infer.models import RunModel, check_store_matches, load_run_models
 from dsca.losses import risk_score, survival_curve
+from dsca.train.distributed import SINGLE, SINGLE_PROCESS, Distributed, Shard
 from dsca.train.report import jsonable
 
 __all__ = ["PredictError", "Ensemble", "predict_run", "ensemble_metrics", "select_patients",
-           "report_predictions"]
+           "report_predictions", "score_patients", "merge_shares"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PredictError(ValueError):
@@ -178,26 +185,94 @@ def open_inputs(run: str | Path, store: str | Path, out: str | Path, *, device: 
 def predict_run(run: str | Path, store: str | Path, out: str | Path, *,
                 labels_csv: str | Path | None = None, patients: Sequence[str] | None = None,
                 device: str = "cpu", allow_other_extractor: bool = False, n_boot: int = 1000,
-                num_workers: int = 2, models: Sequence[str] | None = None) -> dict[str, Any]:
+                num_workers: int = 2, models: Sequence[str] | None = None,
+                distributed: Distributed = SINGLE_PROCESS) -> dict[str, Any]:
     """Score the patients of ``store`` with the models of ``run`` (all, or those named in
     ``models``); write ``out`` (see the module).
+
+    Args:
+        store: the feature store, as :meth:`dsca.store.FeatureStore.open` takes it (a local
+            path or a URL: passed on as given).
+        distributed: this rank of a torchrun launch (:func:`dsca.train.distributed.start`):
+            every rank scores its share of the patients (:func:`score_patients`), rank 0
+            alone writes ``out``; every rank returns the same result.
 
     Returns:
         metrics.json's content with labels, else ``{"n": patients scored}``.
 
     Raises:
         ModelLoadError, PredictError, StoreError, LabelError: before anything is written.
+        PeerFailed: another rank failed (nothing is written).
     """
     inputs = open_inputs(run, store, out, device=device, models=models, labels_csv=labels_csv,
                          allow_other_extractor=allow_other_extractor)
-    dest, dev, models, labels = inputs.out, inputs.device, inputs.models, inputs.labels
-    mapping = select_patients(inputs.store, labels, patients, str(store))
+    mapping = select_patients(inputs.store, inputs.labels, patients, str(store))
+    ids, outputs = score_patients(inputs.models, store, mapping, inputs.device,
+                                  num_workers=num_workers, shard=distributed.shard)
+    meta = {"run": str(Path(run).resolve()), "store": str(store),
+            "labels": None if labels_csv is None else str(labels_csv), "n_boot": n_boot}
+    return distributed.from_main(
+        lambda: _write_predictions(inputs, ids, outputs.numpy().astype(np.float64), meta, Path(run).name))
+
+
+def score_patients(models: Sequence[RunModel], store: str | Path,
+                   mapping: Mapping[str, Sequence[str]], device: torch.device, *,
+                   num_workers: int = 2, shard: Shard = SINGLE) -> tuple[list[str], torch.Tensor]:
+    """Every model's outputs for every patient of ``mapping``, in its order.
+
+    Under a :class:`~dsca.train.distributed.Shard` of K ranks rank r applies the models to the
+    patients at positions r, r+K, ... of ``mapping`` (:meth:`Shard.positions`) and the rows of all
+    ranks are gathered back into ``mapping``'s order (:func:`merge_shares`), so every rank
+    returns what one process would, bit for bit: each patient is scored alone, on the same
+    inputs and thread count wherever it runs.
+
+    Returns:
+        the patient ids and their outputs [P, M, K] float32 (M models; K bins, 1 for Cox).
+
+    Raises:
+        PredictError: the ranks do not agree on the patients to score.
+        PeerFailed: another rank failed.
+    """
+    order = list(mapping)
+    # each rank chose the patients itself: a rank that sees other labels or another store
+    # would otherwise fill its positions with other patients' rows
+    fingerprint = hashlib.sha256(json.dumps([[p, list(mapping[p])] for p in order]).encode()).hexdigest()
+    if len(set(shard.all_gather(fingerprint))) > 1:
+        raise PredictError(f"the {shard.size} ranks chose different patients or slides to score; "
+                           "every rank must read the same store, labels and --patients")
+    mine = [order[i] for i in shard.positions(0, len(order))]
+    rows: list[tuple[str, torch.Tensor]] = []
+    if mine:  # fewer patients than ranks leaves some ranks none
+        todo = {p: mapping[p] for p in mine}
+        for res in apply_models(models, store, todo, device, num_workers=num_workers,
+                                progress=shard.is_main):
+            rows.append((res.patient_id, torch.stack(res.outputs)))  # [M, K]
+    merged = merge_shares(shard.all_gather(rows), len(order))
+    ids = [pid for pid, _ in merged]
+    if ids != [str(p) for p in order]:  # the shares are positions of one list: a mismatch is a bug here
+        raise RuntimeError("the gathered predictions are not in the patients' order")
+    return ids, torch.stack([out for _, out in merged])
+
+
+def merge_shares(parts: Sequence[Sequence[T]], n: int) -> list[T]:
+    """A list of ``n`` items from the shares of K = ``len(parts)`` ranks: ``parts[r]`` holds
+    the items at positions r, r + K, ... (:meth:`Shard.positions`)."""
+    size = len(parts)
+    expected = [len(range(r, n, size)) for r in range(size)]
+    if [len(p) for p in parts] != expected:
+        raise RuntimeError(f"ranks returned {[len(p) for p in parts]} rows, expected {expected}")
+    merged: list[Any] = [None] * n
+    for r, part in enumerate(parts):
+        merged[r::size] = part
+    return merged
+
+
+def _write_predictions(inputs: Inputs, ids: list[str], out_arr: np.ndarray, meta: dict[str, Any],
+                       run_name: str) -> dict[str, Any]:
+    """The ensemble of [P, M, K] outputs ``out_arr`` (float64) -> predictions.csv, with labels
+    metrics.json and km.png, and predict.json; returns metrics.json's content or ``{"n": P}``."""
+    dest, models, labels = inputs.out, inputs.models, inputs.labels
     ensemble = Ensemble(models)
-    ids, outputs = [], []
-    for res in apply_models(models, store, mapping, dev, num_workers=num_workers):
-        ids.append(res.patient_id)
-        outputs.append(torch.stack(res.outputs))
-    out_arr = torch.stack(outputs).numpy().astype(np.float64)  # [P, M, K]
     raw = np.stack([risk_score(torch.as_tensor(out_arr[:, i])).numpy() for i in range(len(models))], axis=1)
     table = pd.DataFrame({"patient_id": ids, "risk": ensemble.risk(raw)})
     for i, m in enumerate(models):
@@ -216,18 +291,17 @@ def predict_run(run: str | Path, store: str | Path, out: str | Path, *,
     if labels is not None:
         lab = labels.loc[ids]
         table["t"], table["e"] = lab["t"].to_numpy(float), lab["e"].to_numpy(int)
-        result = ensemble_metrics(table, ensemble.bin_edges, models[0].time_unit, n_boot,
+        result = ensemble_metrics(table, ensemble.bin_edges, models[0].time_unit, meta["n_boot"],
                                   [f"risk_{m.name}" for m in models])
-        _plot_km(table, dest / "km.png", models[0].time_unit, Path(run).name, result)
+        _plot_km(table, dest / "km.png", models[0].time_unit, run_name, result)
         with atomic_write(dest / "metrics.json") as f:
             json.dump(jsonable(result), f, indent=1)
     with atomic_write(dest / "predictions.csv") as f:
         table.to_csv(f, index=False)
-    meta = {"run": str(Path(run).resolve()), "store": str(store), "models": [m.name for m in models],
+    meta = {"run": meta["run"], "store": meta["store"], "models": [m.name for m in models],
             "head": models[0].head, "time_unit": models[0].time_unit,
             "bin_edges": None if ensemble.bin_edges is None else ensemble.bin_edges.tolist(),
-            "threshold": ensemble.threshold, "labels": None if labels_csv is None else str(labels_csv),
-            "n_boot": n_boot}
+            "threshold": ensemble.threshold, "labels": meta["labels"], "n_boot": meta["n_boot"]}
     with atomic_write(dest / "predict.json") as f:
         json.dump(meta, f, indent=1)
     log.info("scored %d patient(s) with %d model(s); %s", len(table), len(models), dest / "predictions.csv")

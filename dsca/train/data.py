@@ -49,7 +49,7 @@ def open_store(cfg: TrainConfig) -> set[str]:
     from dsca.store import FeatureStore, StoreError
 
     try:
-        store = FeatureStore.open(cfg.store)
+        store = FeatureStore.open(cfg.store, storage_options=cfg.storage_options)
         feature_dim = store.feature_dim
     except StoreError as err:
         raise ConfigError(f"{cfg.source}: store: {err}") from None
@@ -95,7 +95,7 @@ def build_fold_data(
         if not ids:
             continue
         mapping = patient_slides(fold_labels, ids, store_slides, store_name=str(cfg.store))
-        ds: Dataset = PatientDataset(cfg.store, mapping, labels=fold_labels)
+        ds: Dataset = PatientDataset(cfg.store, mapping, labels=fold_labels, storage_options=cfg.storage_options)
         if cache is not None:
             lab = fold_labels.loc[list(mapping), list(LABEL_COLUMNS)].to_numpy(float)
             keys = [(p, tuple(row)) for p, row in zip(mapping, lab)]

@@ -143,8 +143,15 @@ class Shard:
         # float64: the loss is reported; the flags count the ranks that hold a gradient
         head = torch.tensor([loss_share] + [float(p.grad is not None) for p in params],
                             dtype=torch.float64, device=device)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params])
+        flat = _flat_buffer(sum(p.numel() for p in params), params[0].dtype, device)
+        offset = 0
+        for p in params:
+            part = flat[offset:offset + p.numel()]
+            if p.grad is not None:
+                part.copy_(p.grad.reshape(-1))
+            else:
+                part.zero_()
+            offset += p.numel()
         with _collective(self.store, self.size):
             dist.all_reduce(head)
             dist.all_reduce(flat)
@@ -163,6 +170,18 @@ class Shard:
 
 #: One process: the whole fold's patients on this rank.
 SINGLE = Shard()
+
+# One flat gradient buffer per (size, dtype, device), reused at every step: a fresh one (34 MB
+# for the default model) cost 2.5-4x the all-reduce itself on CPU ranks.
+_FLAT: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (numel, dtype, device)
+    if key not in _FLAT:
+        _FLAT.clear()  # another model or device: the old buffer is not needed any more
+        _FLAT[key] = torch.empty(numel, dtype=dtype, device=device)
+    return _FLAT[key]
 
 
 @dataclass(frozen=True)

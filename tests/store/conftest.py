@@ -37,3 +37,25 @@ def _source_arrays(cohort, sid: str) -> tuple[np.ndarray, np.ndarray]:
 def source_arrays():
     """f(cohort, slide_id) -> (x5 [N, D], x20 [16N, D]) float32 straight from the CLAM .pt files."""
     return _source_arrays
+
+
+def _assert_same_store(a, b) -> None:
+    """Root attrs, slide list, every slide's attrs and every stored array equal, read back
+    (either store a folder or a URL)."""
+    from dsca.store import FeatureStore
+    from dsca.store._layout import ARRAYS
+
+    fa, fb = FeatureStore.open(a), FeatureStore.open(b)
+    assert fa.attrs == fb.attrs
+    assert fa.slide_ids == fb.slide_ids
+    for sid in fa.slide_ids:
+        assert fa.slide_attrs(sid) == fb.slide_attrs(sid), sid
+        for name in ARRAYS:
+            x, y = fa.read_array(sid, name), fb.read_array(sid, name)
+            assert x.dtype == y.dtype and np.array_equal(x, y), (sid, name)
+
+
+@pytest.fixture(scope="session")
+def assert_same_store():
+    """``assert_same_store(a, b)``: two stores hold the same slides, attrs and arrays."""
+    return _assert_same_store

@@ -172,14 +172,19 @@ def test_kill_9_mid_slide_then_resume(big_cohort, tmp_path):
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_removes_half_written_slides(big_cohort, tmp_path, stop):
-    out = tmp_path / "s.zarr"
-    # --jobs 2: the spawned worker's slide in flight must be cleaned up too
-    proc = subprocess.Popen(_convert_cmd(big_cohort, out, "--jobs", "2"), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for_a_slide_being_written(proc, out)
-    # what Ctrl-C in a terminal sends, and what scancel / a SLURM time limit sends: the whole group
-    os.killpg(proc.pid, stop)
-    _, err = proc.communicate(timeout=120)
+    for attempt in range(3):
+        out = tmp_path / f"s{attempt}.zarr"
+        # --jobs 2: the spawned worker's slide in flight must be cleaned up too
+        proc = subprocess.Popen(_convert_cmd(big_cohort, out, "--jobs", "2"), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert _wait_for_a_slide_being_written(proc, out)
+        # what Ctrl-C in a terminal sends, and what scancel / a SLURM time limit sends: the whole group
+        os.killpg(proc.pid, stop)
+        _, err = proc.communicate(timeout=120)
+        # 0: on a loaded machine this process was descheduled long enough for the convert to
+        # finish before the signal landed; try again (a convert ignoring the signal fails 3 times)
+        if proc.returncode != 0:
+            break
     assert proc.returncode == 130
     assert err.strip().splitlines() == [f"interrupted: rerun the same command to resume "
                                         f"(complete slides in {out} are kept)"]  # no tracebacks

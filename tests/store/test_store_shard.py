@@ -16,12 +16,11 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dsca.cli.store_main import main
 from dsca.store import FeatureStore
-from dsca.store._layout import ARRAYS, SHARDED
+from dsca.store._layout import SHARDED
 from dsca.store.convert import ConvertError, Shard, convert_cohort, finalize_store
 from dsca.store.verify import store_info, verify_store
 
@@ -41,19 +40,7 @@ def _owned(ids, shard: Shard) -> list[str]:
     return sorted(s for s in ids if shard.owns(s))
 
 
-def _assert_same_store(a: Path, b: Path) -> None:
-    """Root attrs, slide list, every slide's attrs and every stored array equal."""
-    fa, fb = FeatureStore.open(a), FeatureStore.open(b)
-    assert fa.attrs == fb.attrs
-    assert fa.slide_ids == fb.slide_ids
-    for sid in fa.slide_ids:
-        assert fa.slide_attrs(sid) == fb.slide_attrs(sid), sid
-        for name in ARRAYS:
-            x, y = fa.read_array(sid, name), fb.read_array(sid, name)
-            assert x.dtype == y.dtype and np.array_equal(x, y), (sid, name)
-
-
-def test_three_concurrent_shards_then_finalize_equal_one_run(cohort_copy, tmp_path):
+def test_three_concurrent_shards_then_finalize_equal_one_run(cohort_copy, tmp_path, assert_same_store):
     c = cohort_copy
     shards = [Shard(k, 3) for k in range(3)]
     assert all(_owned(c.slide_ids, s) for s in shards), "every shard should have slides to convert"
@@ -93,7 +80,7 @@ def test_three_concurrent_shards_then_finalize_equal_one_run(cohort_copy, tmp_pa
     assert "consolidated_metadata" in json.loads((out / "zarr.json").read_text())
     assert FeatureStore.open(out).not_finalized is None
     assert verify_store(out, progress=False).ok
-    _assert_same_store(out, one)
+    assert_same_store(out, one)
 
 
 def test_shards_starting_at_one_instant_create_the_root_once(tmp_path, monkeypatch):

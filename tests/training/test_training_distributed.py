@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import signal
 import subprocess
@@ -73,23 +72,6 @@ def _metrics(run: Path) -> Any:
     return strip(json.loads((run / "metrics.json").read_text()))
 
 
-def _assert_close(a: Any, b: Any, where: str = "metrics") -> None:
-    """Equal structure and values, floats within 1e-6."""
-    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            _assert_close(u, v, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6, (where, a, b)
-    else:
-        assert a == b, where
-
-
 def _max_weight_difference(a: Path, b: Path) -> float:
     wa = torch.load(a, weights_only=True)["model"]
     wb = torch.load(b, weights_only=True)["model"]
@@ -97,7 +79,7 @@ def _max_weight_difference(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-def test_data_parallel_equals_one_process(runs):
+def test_data_parallel_equals_one_process(runs, assert_json_close):
     """2 gloo ranks split every optimizer group: the weights after 2 epochs and the metrics
     are those of one process (per-patient dropout seeds: the same masks on any rank)."""
     single, data = runs["single"], runs["data"]
@@ -105,19 +87,19 @@ def test_data_parallel_equals_one_process(runs):
         for name in ("best.pt", "last.pt"):
             diff = _max_weight_difference(single / f"fold{fold}" / name, data / f"fold{fold}" / name)
             assert diff <= 1e-5, (fold, name, diff)
-    _assert_close(_metrics(single), _metrics(data))
+    assert_json_close(_metrics(single), _metrics(data), 1e-6)
     # rank 0 alone wrote the run's files and printed the summary
     assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in single.iterdir())
     assert runs["data_output"].stdout.count("test C-index") == 1
     assert "[rank 1]" not in (data / "train.log").read_text()
 
 
-def test_fold_parallel_equals_one_process(runs):
+def test_fold_parallel_equals_one_process(runs, assert_json_close):
     """--parallel folds: each rank trains whole folds; rank 0 reports them all."""
     out = runs["root"] / "folds"
     done = _launch("--config", str(runs["config"]), "--out", str(out), "--parallel", "folds")
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_close(_metrics(runs["single"]), _metrics(out))
+    assert_json_close(_metrics(runs["single"]), _metrics(out), 1e-6)
     log = (out / "train.log").read_text()
     assert "rank 0 trains fold(s) 0" in log and "rank 1 trains fold(s) 1" in log
     for fold in (0, 1):
@@ -125,7 +107,7 @@ def test_fold_parallel_equals_one_process(runs):
                                       out / f"fold{fold}" / "best.pt") == 0.0
 
 
-def test_resume_under_torchrun_continues_a_stopped_run(runs):
+def test_resume_under_torchrun_continues_a_stopped_run(runs, assert_json_close):
     """A run stopped (SIGTERM to torchrun, as a scheduler does) right after fold 0's first
     last.pt continues with --resume and ends where an uninterrupted run ends."""
     out = runs["root"] / "stopped"
@@ -146,7 +128,7 @@ def test_resume_under_torchrun_continues_a_stopped_run(runs):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "fold 0: resumed after epoch" in log or "fold 0: finished earlier" in log
-    _assert_close(_metrics(runs["data"]), _metrics(out))
+    assert_json_close(_metrics(runs["data"]), _metrics(out), 1e-6)
     for fold in (0, 1):
         assert _max_weight_difference(runs["data"] / f"fold{fold}" / "last.pt",
                                       out / f"fold{fold}" / "last.pt") == 0.0
@@ -232,7 +214,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_multi_node_recipe_on_local_addresses(runs):
+def test_multi_node_recipe_on_local_addresses(runs, assert_json_close):
     """The README's multi-node recipe (c10d rendezvous, one torchrun per node) with two
     "nodes" on 127.0.0.1 of one GPU each: the same run as 2 ranks on one node."""
     out = runs["root"] / "two-nodes"
@@ -249,7 +231,7 @@ def test_multi_node_recipe_on_local_addresses(runs):
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in nodes), [r[1][-2000:] for r in results]
-    _assert_close(_metrics(runs["data"]), _metrics(out))
+    assert_json_close(_metrics(runs["data"]), _metrics(out), 1e-6)
     for fold in (0, 1):
         assert _max_weight_difference(runs["data"] / f"fold{fold}" / "last.pt",
                                       out / f"fold{fold}" / "last.pt") == 0.0
