@@ -87,9 +87,14 @@ class RemotePublisher:
             if root is None:
                 # objects under slides/ alone: what a failed first run left (uploads without
                 # their group document); anything else is not ours
-                if set(remote.children("")) - {SLIDES}:
+                others = set(remote.children("")) - {SLIDES}
+                if others == {"zarr.json"}:
+                    # another shard created the store between the read and the listing
+                    root = remote.read("zarr.json")
+                elif others:
                     raise ConvertError(f"{remote.url} exists and is not a zarr store; refusing to write into it")
-                return False
+                if root is None:
+                    return False
             docs = {"zarr.json": root}
             slides_doc = remote.read(f"{SLIDES}/zarr.json")
             if slides_doc is not None:

@@ -198,7 +198,7 @@ def test_three_concurrent_shards_then_finalize_on_s3_equal_one_run(synth_cohort,
     procs = [subprocess.Popen([*cmd, "--shard", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for s in shards]
     runs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    assert all(code == 0 for code, _, _ in runs), runs
+    assert all(code == 0 for code, _, _ in runs), [(k, err) for k, (code, _, err) in enumerate(runs) if code]
     waiting = FeatureStore.open(url)
     assert waiting.not_finalized and waiting.slide_ids == FeatureStore.open(synth_store).slide_ids
     assert any("not finalized" in reason for _, reason in verify_store(url, progress=False).problems)
@@ -209,6 +209,31 @@ def test_three_concurrent_shards_then_finalize_on_s3_equal_one_run(synth_cohort,
     assert_same_store(synth_store, url)
     assert verify_store(url, progress=False).ok
     assert main(["finalize", url]) == 0  # again: harmless
+
+
+def test_a_shard_that_finds_the_store_created_under_it_joins_it(synth_cohort, synth_store, s3, monkeypatch,
+                                                               assert_same_store):
+    """The interleaving of concurrent shards: this shard reads no root, then another shard
+    creates the store (root and slides) before this one lists the prefix."""
+    from dsca.store.remote import RemoteLocation
+
+    _, bucket = s3
+    url = f"{bucket}/raced.zarr"
+    listing = RemoteLocation.children
+    raced = []
+
+    def children_after_a_peer(self, key):
+        if key == "" and not raced:
+            raced.append(True)
+            assert _convert(synth_cohort, url, shard=Shard(1, 3)).ok  # the peer, start to end
+        return listing(self, key)
+
+    monkeypatch.setattr(RemoteLocation, "children", children_after_a_peer)
+    report = _convert(synth_cohort, url, shard=Shard(0, 3))
+    assert raced and report.ok, report.failures
+    assert _convert(synth_cohort, url, shard=Shard(2, 3)).ok
+    assert finalize_store(url).slides == len(synth_cohort.slide_ids)
+    assert_same_store(synth_store, url)
 
 
 def test_read_through_cache_serves_chunks_deleted_since(synth_store, s3, tmp_path):
