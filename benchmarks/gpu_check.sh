@@ -9,10 +9,10 @@
 # --no-deps. DTYPES=bf16 (default) or "bf16 fp32" picks the benchmarked dtypes.
 # Every CUDA branch of dsca runs once: kernel tests, whole-model Triton vs torch equality,
 # training with bf16 and fp16 autocast, --resume after a kill -9, torch.compile of the model,
-# cuda:1 when a second GPU exists, dsca profile. Missing optional pieces are skipped and said.
+# cuda:1 when a second GPU exists, train and predict under torchrun (nccl), dsca profile. Missing optional pieces are skipped and said.
 # Writes under $OUT: env.txt, kernel_tests.txt/.xml, capool_bench.json, capool_bench.txt,
 # capool_table.md (also printed), capool_table.png, train_step.json, compile.json,
-# second_gpu.json, train_{bf16,fp16,resume,cuda1}.txt, profile_{torch,triton}.txt/.json,
+# second_gpu.json, train_{bf16,fp16,resume,cuda1,nccl}.txt, predict_nccl.txt, profile_{torch,triton}.txt/.json,
 # summary.md and summary.json (pass/fail of every check and goal).
 set -uo pipefail
 
@@ -205,14 +205,30 @@ PYEOF
       record train-cuda1 skipped
       echo "gpu_check: one GPU: --device cuda:1 skipped" >"$OUT/train_cuda1.txt"
     fi
+
+    # torchrun with nccl: process group, flat gradient all-reduce and gathers on CUDA ranks (one
+    # rank per GPU, at most 2); then predict over the same ranks (`--`: torchrun would read
+    # --run as its own --run-path)
+    ranks="$("$PY" -c 'import torch; print(min(2, torch.cuda.device_count()))')"
+    store="$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["store"])' "$cfg")"
+    if TRITON_INTERPRET=0 "$PY" -m torch.distributed.run --standalone --nproc-per-node="$ranks" \
+        -m dsca.cli.dsca_main -q train --config "$work/fp16.yaml" --out "$work/nccl" --device cuda \
+        >"$OUT/train_nccl.txt" 2>&1 && [ -f "$work/nccl/metrics.json" ]; then
+      record train-torchrun-nccl pass; else record train-torchrun-nccl FAIL; fi
+    if TRITON_INTERPRET=0 "$PY" -m torch.distributed.run --standalone --nproc-per-node="$ranks" \
+        -m -- dsca.cli.dsca_main -q predict --run "$work/nccl" --store "$store" --device cuda \
+        --out "$work/nccl_predict" >"$OUT/predict_nccl.txt" 2>&1; then
+      record predict-torchrun-nccl pass; else record predict-torchrun-nccl FAIL; fi
   else
     record train-amp-fp16 FAIL
     record train-resume-after-kill FAIL
     record train-cuda1 FAIL
+    record train-torchrun-nccl FAIL
+    record predict-torchrun-nccl FAIL
   fi
 else
   for check in train-step compile second-gpu train-amp-auto train-amp-fp16 \
-      train-resume-after-kill train-cuda1; do
+      train-resume-after-kill train-cuda1 train-torchrun-nccl predict-torchrun-nccl; do
     record "$check" skipped
   done
   echo "gpu_check: nystrom_attention is not installed: whole-model checks skipped (carry its wheel)"

@@ -18,6 +18,10 @@ def parse_level_attrs_option(text: str | None, option: str) -> dict | None:
         raise SystemExit(2) from None
 
 
+# fsspec/s3fs options whose values are secrets or names: never parsed as JSON
+_STRING_KEYS = frozenset({"key", "secret", "token", "password", "username", "profile"})
+
+
 def add_storage_arguments(parser: Any, staging: bool = False) -> None:
     """--storage-option (and, for commands that write, --staging) for stores at a URL."""
     parser.add_argument("--storage-option", metavar="KEY=VALUE", action="append",
@@ -41,11 +45,12 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any] | None:
         if not sep or not key.strip():
             print(f"dsca-store: error: --storage-option: expected KEY=VALUE, got {item!r}", file=sys.stderr)
             raise SystemExit(2)
-        try:
-            value: Any = json.loads(text)
-        except ValueError:
-            value = text  # a plain string (a key id, a URL)
         *parents, leaf = key.strip().split(".")
+        try:
+            # a credential stays a str even when it reads as a number or true
+            value: Any = text if leaf in _STRING_KEYS else json.loads(text)
+        except ValueError:
+            value = text  # a plain string (a URL, a region)
         node = options
         for part in parents:
             child = node.setdefault(part, {})

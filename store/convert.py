@@ -318,7 +318,11 @@ def _convert(x5_features: str | Path, x20_features: str | Path, x5_coords: str |
                       attrs.get("feature_dim"), failures, shard)
         if publisher is not None:  # the root without a stale summary, before any slide changes
             publisher.publish_metadata()
+            if shard is not None:
+                publisher.check_shard_marker()
         _convert_all(tasks, jobs, progress, report, failures, publisher)
+        if publisher is not None and shard is not None:
+            publisher.check_shard_marker()
     except BaseException:
         # the first error is the one to report; a full disk would fail the clean-up's writes too
         if publisher is not None:

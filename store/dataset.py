@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from dsca.labels import LABEL_COLUMNS
 from dsca.store.reader import CHECKED_DEFAULT, FeatureStore
-from dsca.store.remote import StorageOptions, is_url
+from dsca.store.remote import StorageOptions, is_url, local_path
 
 # LABEL_COLUMNS is re-exported: the dataset's label tensor holds these columns in this order
 __all__ = ["PatientDataset", "PatientSample", "LABEL_COLUMNS"]
@@ -58,7 +58,7 @@ class PatientDataset(Dataset):
                  labels: pd.DataFrame | None = None, dtype: torch.dtype = torch.float32,
                  checked: bool = CHECKED_DEFAULT, storage_options: StorageOptions | None = None) -> None:
         # a URL stays a str: a Path would collapse "s3://b/x" to "s3:/b/x"
-        self.store_path: str | Path = str(store_path) if is_url(store_path) else Path(store_path)
+        self.store_path: str | Path = str(store_path) if is_url(store_path) else local_path(store_path)
         self.storage_options = dict(storage_options) if storage_options is not None else None
         self.checked = checked
         self.patient_ids = list(patient_slides)

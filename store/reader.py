@@ -120,7 +120,7 @@ class FeatureStore:
         else:
             # a convert is running or was killed: zarr's listing would fail on a half-written
             # group, so list the complete ones from their own zarr.json
-            self._slide_attrs = remote.complete_slides() if remote is not None else complete_slides(Path(path))
+            self._slide_attrs = self._list_complete_slides()
         self.slide_ids: list[str] = sorted(self._slide_attrs)
         # why slides may still be missing (a sharded convert not finalized yet), or None
         self.not_finalized: str | None = None
@@ -134,6 +134,15 @@ class FeatureStore:
         problem = root_attrs_problem(self.attrs, bool(self.slide_ids))
         if problem:
             raise StoreError(f"{path}: {problem} (not written by dsca-store convert, or damaged)")
+
+    def _list_complete_slides(self) -> dict[str, dict[str, Any]]:
+        """slide id -> attrs of each complete slide, from every slide's own zarr.json."""
+        if self.remote is None:
+            return complete_slides(Path(self.path))
+        try:
+            return self.remote.complete_slides()
+        except Exception as exc:  # noqa: BLE001 - no permission, no network: many types
+            raise StoreError(f"{self.path}: cannot list the slides ({type(exc).__name__}: {_first_line(exc)})") from None
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", checked: bool = CHECKED_DEFAULT,
@@ -251,6 +260,9 @@ class FeatureStore:
             arr = self._root[f"{SLIDES}/{slide_id}/{name}"]
         except KeyError:
             raise StoreError(f"{self._full_name(slide_id, name)}: array missing") from None
+        except Exception as exc:  # noqa: BLE001 - a remote store fetches the metadata here: many types
+            raise StoreError(f"{self._full_name(slide_id, name)}: cannot open "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{self._full_name(slide_id, name)}: not an array")
         return arr
@@ -264,11 +276,9 @@ class FeatureStore:
             # on disk was lost, not elided
             all_chunks = self._slide_attrs[slide_id].get("all_chunks") is True
             layout = None
-            if not self.direct:
-                pass
-            elif isinstance(self._root.store, zarr.storage.LocalStore):
+            if self.direct and isinstance(self._root.store, zarr.storage.LocalStore):
                 layout = direct_layout(arr, Path(self.path) / SLIDES / slide_id / name, full_name, all_chunks)
-            elif self.remote is not None:
+            elif self.direct and self.remote is not None:
                 # the same decoder, fed with the shard object fetched whole: `path` is its key
                 layout = direct_layout(arr, PurePosixPath(SLIDES, slide_id, name), full_name, all_chunks)
             # a remote store's ChunkStore notes absent chunks while reading: no listing needed

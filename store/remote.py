@@ -39,7 +39,7 @@ from zarr.storage import FsspecStore, WrapperStore
 from dsca.store._layout import SLIDES, slide_id_problem
 from dsca.store.errors import StoreError
 
-__all__ = ["ChunkStore", "RemoteLocation", "StorageOptions", "is_url", "local_path", "location_name",
+__all__ = ["ChunkStore", "RemoteLocation", "StorageOptions", "is_url", "local_path",
            "storage_options_problem"]
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,6 @@ def local_path(location: str | Path) -> Path:
     if isinstance(location, str) and location.lower().startswith("file://"):
         return Path(location[len("file://"):])
     return Path(location)
-
-
-def location_name(location: str | Path) -> str | Path:
-    """`location` as a store is named in messages and reports: a URL as it was given (without a
-    trailing slash), a local folder as a Path."""
-    return location.rstrip("/") if is_url(location) else local_path(location)
 
 
 def storage_options_problem(options: Any) -> str | None:
@@ -225,18 +219,14 @@ class RemoteLocation:
         return out
 
     def fetch(self, keys: Iterable[str], cache: Path | None = None) -> dict[str, bytes | None]:
-        """Whole objects (None: absent), from `cache` where it holds them, the others fetched
-        concurrently (and kept in `cache`)."""
-        keys = list(keys)
-        got: dict[str, bytes | None] = {}
-        if cache is not None:
-            got = {key: data for key in keys if (data := cache_read(cache, key)) is not None}
-        fetched = self.read_many(key for key in keys if key not in got)
+        """Whole objects (None: absent), fetched concurrently; each one fetched is kept in
+        `cache` (the caller has looked there first)."""
+        fetched = self.read_many(keys)
         if cache is not None:
             for key, data in fetched.items():
                 if data is not None:
                     cache_write(cache, key, data)
-        return {**got, **fetched}
+        return fetched
 
     def read_json(self, key: str) -> Any:
         """A metadata document as parsed JSON (None: absent); ValueError when it is no JSON."""

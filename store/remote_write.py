@@ -22,18 +22,20 @@ sees a slide as complete before all its bytes are there):
    all (or, for a new store left without any complete slide, its root documents removed).
 
 Shards of a sharded convert each mirror, then upload the same root document (identical bytes
-from every shard: a benign race) and their own slides; ``dsca-store finalize URL`` mirrors the
+from shards of the same settings; a shard whose root another shard's settings overwrote stops:
+:meth:`~RemotePublisher.check_shard_marker`) and their own slides; ``dsca-store finalize URL`` mirrors the
 remote slide documents, consolidates them and uploads the root. There is no lock on object
 storage: one convert (or the shards of one) at a time per store is the user's to ensure.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
-from dsca.store._layout import ARRAYS, SLIDES, slide_folder, slide_id_problem
+from dsca.store._layout import ARRAYS, SHARDED, SLIDES, slide_folder, slide_id_problem
 from dsca.store.errors import ConvertError
 from dsca.store.remote import RemoteLocation
 
@@ -108,10 +110,14 @@ class RemotePublisher:
             raise
         except Exception as exc:  # noqa: BLE001 - no bucket, no credentials, no server: many types
             raise self._fail("cannot read the store", exc) from None
-        for key, body in docs.items():
-            path = self.store / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(body)
+        try:
+            for key, body in docs.items():
+                path = self.store / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body)
+        except OSError as exc:  # a full or read-only staging disk
+            raise ConvertError(f"{self.remote.url}: cannot stage its metadata in {self.folder} "
+                               f"({exc.strerror or exc})") from None
         self._remote_docs = dict(docs)
         self.existed = True
         log.info("%s: mirrored %d metadata documents (%d slides) into %s", remote.url, len(docs), len(groups),
@@ -144,6 +150,25 @@ class RemotePublisher:
                     self._upload_doc(key, body)
         except Exception as exc:  # noqa: BLE001
             raise self._fail("cannot write the store's metadata", exc) from None
+
+    def check_shard_marker(self) -> None:
+        """For a shard: ConvertError unless the remote root still carries this shard's marker.
+
+        Object storage has no exclusive create, so shards that start together and find no
+        store each upload a root; with the same settings the bytes are identical, with other
+        settings (another N, dtype, codec, extractor) the last upload wins, and the shards
+        it overwrote stop here (checked after the root is uploaded and again at the end).
+        """
+        try:
+            remote = json.loads(self.remote.read("zarr.json") or b"null")
+            mine = json.loads((self.store / "zarr.json").read_bytes())
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("cannot read the store's root back", exc) from None
+        theirs = remote.get("attributes", {}).get(SHARDED) if isinstance(remote, dict) else None
+        wanted = mine.get("attributes", {}).get(SHARDED)
+        if theirs != wanted:
+            raise ConvertError(f"{self.remote.url}: another convert rewrote the store's root with other settings "
+                               f"({theirs!r}, this shard: {wanted!r}); run every shard with the same options")
 
     # --- 3. one slide -----------------------------------------------------------------------
     def publish_slide(self, slide_id: str) -> None:

@@ -106,11 +106,17 @@ def store_info(path: str | Path, storage_options: StorageOptions | None = None) 
 def _info(fs: FeatureStore, sizes: dict[str, int] | None, folders: set[str]) -> StoreInfo:
     """StoreInfo of an open store; `sizes`: a remote store's object sizes (None: read the disk)."""
     p = fs.path
+    chunk_totals: Counter[str] = Counter()  # "slides/<id>/<array>/c/" -> bytes, in one pass
+    for key, n in (sizes or {}).items():
+        parts = key.split("/", 4)
+        if len(parts) == 5 and parts[0] == SLIDES and parts[3] == "c":
+            chunk_totals["/".join(parts[:4]) + "/"] += n
 
     def size(prefix: str) -> int:
+        """Bytes under `prefix` ("" = the whole store; else an array's chunk folder)."""
         if sizes is None:
             return _disk_bytes(Path(p) / prefix) if prefix else _disk_bytes(Path(p))
-        return sum(n for key, n in sizes.items() if key.startswith(prefix))
+        return chunk_totals[prefix] if prefix else sum(sizes.values())
     patches = feature_bytes = source_bytes = 0
     codecs: Counter[str] = Counter()
     for sid in fs.slide_ids:

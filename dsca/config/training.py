@@ -266,7 +266,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ConfigError(f"{source}: opt_betas must be two numbers [beta1, beta2], got {betas!r}")
         betas = [_number(b, "opt_betas", source, float) for b in betas]
-    from dsca.store.remote import CACHE_KEY, is_url, storage_options_problem
+    from dsca.store.remote import CACHE_KEY, is_url, local_path, storage_options_problem
 
     store = required("store")
     if not isinstance(store, (str, Path)):
@@ -281,7 +281,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
             storage_options[CACHE_KEY] = resolve(storage_options[CACHE_KEY])
     cfg = TrainConfig(
         model=model_cfg,
-        store=str(store) if is_url(str(store)) else Path(resolve(store)),
+        store=str(store) if is_url(str(store)) else Path(resolve(local_path(str(store)))),
         storage_options=storage_options,
         labels=Path(resolve(required("labels"))),
         splits=splits,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -236,6 +237,25 @@ def test_a_shard_that_finds_the_store_created_under_it_joins_it(synth_cohort, sy
     assert_same_store(synth_store, url)
 
 
+def test_shards_started_together_with_other_settings_stop(synth_cohort, s3, monkeypatch):
+    """Both shards found no store and uploaded their roots (no exclusive create on S3): the one
+    whose root was overwritten by a shard of another N stops, naming both settings."""
+    from dsca.store.remote_write import RemotePublisher
+
+    fs, bucket = s3
+    url, other = f"{bucket}/mixed.zarr", f"{bucket}/other.zarr"
+    assert _convert(synth_cohort, other, shard=Shard(0, 2)).ok  # a real root of a 2-shard convert
+    publish = RemotePublisher.publish_metadata
+
+    def then_the_peer_uploads_its_root(self):
+        publish(self)
+        fs.pipe_file(f"{url}/zarr.json".removeprefix("s3://"), fs.cat(f"{other}/zarr.json"))
+
+    monkeypatch.setattr(RemotePublisher, "publish_metadata", then_the_peer_uploads_its_root)
+    with pytest.raises(ConvertError, match="other settings.*'shards': 2.*'shards': 3"):
+        _convert(synth_cohort, url, shard=Shard(0, 3))
+
+
 def test_read_through_cache_serves_chunks_deleted_since(synth_store, s3, tmp_path):
     fs, bucket = s3
     url = _upload(fs, synth_store, f"{bucket}/cohort.zarr")
@@ -331,3 +351,22 @@ def main_train(config: Path, out: Path) -> int:
     from dsca.cli.dsca_main import main as dsca
 
     return dsca(["train", "--config", str(config), "--out", str(out)])
+
+
+def test_file_urls_open_local_stores_and_option_values_parse(synth_store, small_config):
+    from dsca.cli._store_options import parse_storage_options
+    from dsca.config import load_config
+    from dsca.store import PatientDataset
+
+    url = f"file://{synth_store}"
+    local = FeatureStore.open(synth_store)
+    assert FeatureStore.open(url).slide_ids == local.slide_ids
+    patients = dict(list(local.patient_slides().items())[:1])
+    want, got = PatientDataset(synth_store, patients)[0], PatientDataset(url, patients)[0]
+    assert got.patient_id == want.patient_id
+    for a, b in ((got.x20, want.x20), (got.x5, want.x5), (got.coords, want.coords)):
+        assert torch.equal(a, b)
+    assert load_config(small_config(store=url)).store == synth_store
+    # a credential stays a str; JSON values parse; dotted keys nest
+    assert parse_storage_options(["key=0123", "secret=true", "anon=false", "client_kwargs.region_name=eu-west-1"]) == {
+        "key": "0123", "secret": "true", "anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
