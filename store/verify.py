@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -343,6 +345,20 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False,
         return report
     if fs.not_finalized:  # sound so far, but slides of unfinished shards may be missing
         report.problems.append(("<store>", fs.not_finalized))
+    # a remote store's objects are fetched once into a scratch cache that both looks at a slide
+    # read (zarr's pass, then the direct reader's) and dropped slide by slide
+    scratch = Path(tempfile.mkdtemp(prefix="dsca-verify-")) if remote is not None else None
+    try:
+        return _verify_slides(report, fs, p, remote, where, on_disk, folders, sources, progress, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _verify_slides(report: VerifyReport, fs: FeatureStore, p: Path | str, remote: RemoteLocation | None,
+                   where: Path | RemoteLocation, on_disk: dict[str, dict], folders: list[str], sources: bool,
+                   progress: bool, scratch: Path | None) -> VerifyReport:
+    """verify_store once the slide listing is known: each slide's folder, metadata and data."""
     listed = set(fs.slide_ids)
     for sid in sorted(folders):
         if slide_id_problem(sid) is not None:
@@ -358,7 +374,7 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False,
     try:
         # the arrays are read through the slides' own metadata; the consolidated copy is compared
         if remote is not None:
-            root = remote.open_group("r", use_consolidated=False)
+            root = remote.open_group("r", cache=scratch, use_consolidated=False)
         else:
             root = zarr.open_group(p, mode="r", use_consolidated=False)
         own = FeatureStore(root, p, checked=True, remote=remote, direct=remote is None)
@@ -370,8 +386,12 @@ def verify_store(path: str | Path, progress: bool = True, sources: bool = False,
     consolidated = _consolidated(where)
 
     def check(sid: str) -> list[str]:
-        return _slide_problems(where, root, own, consolidated, sid, on_disk.get(sid, {}), int(dim), dtype, sources,
-                               twin)
+        try:
+            return _slide_problems(where, root, own, consolidated, sid, on_disk.get(sid, {}), int(dim), dtype,
+                                   sources, twin)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch / SLIDES / sid, ignore_errors=True)
 
     with Progress(len(fs.slide_ids), "verify", "slide", enabled=progress) as bar:
         if remote is None:
